@@ -1,0 +1,160 @@
+"""HOSVD factors of a model's target stacks, computed once at maximum ranks and sliced per use.
+
+A :class:`Factors` is what a search caches: for every projection type the float64 core and
+factors at the largest ranks a sweep may ask for, the full mode spectra, the targets and a
+fingerprint of the base weights. It is stored as safetensors (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CraftConfig
+from .targets import Site, TargetStack, find_targets, stack_weights, weights_fingerprint
+from .tucker import Tucker, hosvd, truncate
+
+__all__ = ["Factors", "compute_factors", "check_ranks"]
+
+_FORMAT = "craft-factors/1"
+
+
+@dataclass
+class Factors:
+    """Per projection type, the HOSVD of its (layers, out, in) stack at ``max_ranks``.
+
+    Attributes:
+        stacks: the targets, in order, with their modules and stack shapes.
+        tuckers: projection-type name -> float64 :class:`Tucker` at ``max_ranks``
+            (clipped to each stack's axis lengths).
+        max_ranks: (rank_layers, rank_out, rank_in) the decomposition was computed at.
+        fingerprint: :func:`weights_fingerprint` of the base weights.
+    """
+
+    stacks: list[TargetStack]
+    tuckers: dict[str, Tucker]
+    max_ranks: tuple[int, int, int]
+    fingerprint: str
+
+    @property
+    def target_names(self) -> list[str]:
+        """The projection-type names, in order."""
+        return [s.name for s in self.stacks]
+
+    def sliced(self, name: str, ranks: Sequence[int]) -> Tucker:
+        """The rank-``ranks`` decomposition of one projection type, by slicing."""
+        tucker = self.tuckers[name]
+        have = tucker.ranks
+        if any(r > h for r, h in zip(ranks, have)):
+            raise ValueError(
+                f"ranks {tuple(ranks)} exceed the cached factors of {name!r}, computed at {have}; "
+                "recompute the factors with larger max_ranks"
+            )
+        return truncate(tucker, ranks)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the factors to one safetensors file (tensors plus JSON metadata)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in self.tuckers.items():
+            tensors[f"{name}/core"] = t.core.contiguous()
+            for axis, (factor, spectrum) in zip(("layers", "out", "in"), zip(t.factors, t.spectra)):
+                tensors[f"{name}/u_{axis}"] = factor.contiguous()
+                tensors[f"{name}/spectrum_{axis}"] = spectrum.contiguous()
+        meta = {
+            "format": _FORMAT,
+            "fingerprint": self.fingerprint,
+            "max_ranks": json.dumps(list(self.max_ranks)),
+            "stacks": json.dumps(
+                [{"name": s.name, "shape": list(s.shape), "sites": [[x.module_name, x.rows] for x in s.sites]} for s in self.stacks]
+            ),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Factors":
+        """Read factors written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"no factors file at {path}; compute them with craft.compute_factors and save them")
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a CRAFT factors file ({_FORMAT}); recompute the factors")
+        tensors = load_file(str(path))
+        stacks = [
+            TargetStack(s["name"], tuple(Site(m, tuple(r) if r else None) for m, r in s["sites"]), tuple(s["shape"]))
+            for s in json.loads(meta["stacks"])
+        ]
+        tuckers = {
+            s.name: Tucker(
+                core=tensors[f"{s.name}/core"],
+                factors=[tensors[f"{s.name}/u_{a}"] for a in ("layers", "out", "in")],
+                spectra=[tensors[f"{s.name}/spectrum_{a}"] for a in ("layers", "out", "in")],
+            )
+            for s in stacks
+        }
+        return cls(stacks, tuckers, tuple(json.loads(meta["max_ranks"])), meta["fingerprint"])
+
+
+def check_ranks(stacks: list[TargetStack], ranks: Sequence[int]) -> None:
+    """Raise a ValueError naming the axis and the fix when a rank exceeds a stack's axis."""
+    for stack in stacks:
+        for axis, rank, length in zip(("rank_layers", "rank_out", "rank_in"), ranks, stack.shape):
+            if rank > length:
+                raise ValueError(
+                    f"{axis}={rank} exceeds the {axis.removeprefix('rank_')} axis of {stack.name!r} "
+                    f"(stack {stack.shape[0]}x{stack.shape[1]}x{stack.shape[2]}, layers x out x in); "
+                    f"choose {axis} <= {length}"
+                )
+
+
+def compute_factors(
+    model: nn.Module,
+    config_or_targets: CraftConfig | Sequence[str] | None = None,
+    max_ranks: Sequence[int] | None = None,
+) -> Factors:
+    """HOSVD of every target stack of ``model`` at ``max_ranks``.
+
+    Args:
+        model: the base model (not yet wrapped).
+        config_or_targets: a :class:`CraftConfig` (its ``target_modules`` and, when
+            ``max_ranks`` is None, its ranks), a list of target names, or None for the
+            detected query and value projections.
+        max_ranks: (rank_layers, rank_out, rank_in) to decompose at; None takes the config's
+            ranks, or every axis in full when no config is given.
+
+    Returns:
+        The :class:`Factors`, float64, on the CPU.
+    """
+    if isinstance(config_or_targets, CraftConfig):
+        targets = config_or_targets.target_modules
+        max_ranks = config_or_targets.ranks if max_ranks is None else max_ranks
+    else:
+        targets = None if config_or_targets is None else list(config_or_targets)
+    stacks = find_targets(model, targets)
+    if max_ranks is not None:
+        max_ranks = tuple(int(r) for r in max_ranks)
+        if len(max_ranks) != 3 or min(max_ranks) < 1:
+            raise ValueError(f"max_ranks must be three positive ranks (layers, out, in), got {max_ranks}")
+        check_ranks(stacks, max_ranks)
+    tuckers = {}
+    for stack in stacks:
+        ranks = stack.shape if max_ranks is None else max_ranks
+        tuckers[stack.name] = hosvd(stack_weights(model, stack).cpu(), ranks)
+    return Factors(
+        stacks=stacks,
+        tuckers=tuckers,
+        max_ranks=tuple(max_ranks) if max_ranks is not None else tuple(max(s.shape[i] for s in stacks) for i in range(3)),
+        fingerprint=weights_fingerprint(model, stacks),
+    )

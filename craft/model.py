@@ -1,0 +1,224 @@
+"""Injecting CRAFT into a model: wrap the targets, freeze the rest, save, load, merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import CraftConfig
+from .factors import Factors, check_ranks
+from .layer import CraftAdapter, CraftLinear, AdapterPart
+from .targets import DEFAULT_HEADS, TargetStack, find_targets, stack_weights, weights_fingerprint
+from .tucker import hosvd
+
+__all__ = ["CraftModel", "get_craft_model", "ADAPTER_NAME"]
+
+ADAPTER_NAME = "adapter_model.safetensors"
+_FORMAT = "craft-adapter/1"
+
+
+class CraftModel(nn.Module):
+    """A transformers model with CRAFT adapters on its target projections.
+
+    Only the J matrices (``craft_adapters.*``) and the task head (``modules_to_save``) train.
+    Calls and unknown attributes go to the wrapped model, so it trains and evaluates like it.
+    Build it with :func:`get_craft_model`.
+    """
+
+    def __init__(self, model: nn.Module, config: CraftConfig, factors: Factors | None = None, compute: str = "auto"):
+        super().__init__()
+        stacks = find_targets(model, config.target_modules)
+        check_ranks(stacks, config.ranks)
+        fingerprint = weights_fingerprint(model, stacks)
+        if factors is not None:
+            _check_factors(factors, stacks, fingerprint)
+        reference = model.get_submodule(stacks[0].sites[0].module_name).weight
+        generator = torch.Generator().manual_seed(config.seed)
+        adapters = []
+        for stack in stacks:
+            tucker = factors.sliced(stack.name, config.ranks) if factors else hosvd(stack_weights(model, stack).cpu(), config.ranks)
+            adapters.append(CraftAdapter(tucker, config.init_scale, generator, reference.dtype))
+        self.base_model = model
+        self.craft_config = config
+        self.fingerprint = fingerprint
+        self.target_names = [s.name for s in stacks]
+        self.stacks = stacks
+        self.craft_adapters = nn.ModuleList(adapters).to(reference.device)
+        self._wrap(stacks, compute)
+        self.head_names = self._freeze(config.modules_to_save)
+        self._hooks = [
+            model.register_forward_pre_hook(self._begin_pass),
+            model.register_forward_hook(self._end_pass, always_call=True),
+        ]
+
+    def _begin_pass(self, *_) -> None:
+        # M of every adapter is computed once per model call and shared by its layers.
+        for adapter in self.craft_adapters:
+            adapter.begin_pass()
+
+    def _end_pass(self, *_) -> None:
+        for adapter in self.craft_adapters:
+            adapter.end_pass()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def _wrap(self, stacks: list[TargetStack], compute: str) -> None:
+        parts: dict[str, list[AdapterPart]] = {}
+        for adapter, stack in zip(self.craft_adapters, stacks):
+            for layer, site in enumerate(stack.sites):
+                parts.setdefault(site.module_name, []).append(AdapterPart(adapter, layer, site.rows))
+        for name, module_parts in parts.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, child, CraftLinear(getattr(parent, child), module_parts, compute))
+
+    def _freeze(self, modules_to_save: list[str] | None) -> list[str]:
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        suffixes = modules_to_save if modules_to_save is not None else list(DEFAULT_HEADS)
+        heads = [
+            name
+            for name, _ in self.base_model.named_modules()
+            if name and any(name == s or name.endswith("." + s) for s in suffixes)
+        ]
+        if modules_to_save is not None and not heads:
+            raise ValueError(f"modules_to_save {modules_to_save} matches no module of the model; name its head modules")
+        for name in heads:
+            for p in self.base_model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        return heads
+
+    def craft_layers(self) -> list[CraftLinear]:
+        """Every wrapped projection, in model order."""
+        return [m for m in self.base_model.modules() if isinstance(m, CraftLinear)]
+
+    def num_adapter_parameters(self) -> int:
+        """Trainable adapter parameters: n_p * (rank_layers^2 + rank_out^2 + rank_in^2)."""
+        return sum(p.numel() for p in self.craft_adapters.parameters())
+
+    def num_head_parameters(self) -> int:
+        """Parameters of the task head (trained in full, counted apart from the adapter)."""
+        return sum(p.numel() for n in self.head_names for p in self.base_model.get_submodule(n).parameters())
+
+    def merge(self) -> None:
+        """Merge every update into its base weight (inference at base-model cost)."""
+        for layer in self.craft_layers():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        for layer in self.craft_layers():
+            layer.unmerge()
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the updates and return the plain transformers model, wrappers removed."""
+        for name, module in list(self.base_model.named_modules()):
+            if isinstance(module, CraftLinear):
+                module.merge()
+                parent_name, _, child = name.rpartition(".")
+                parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+                setattr(parent, child, module.base_layer)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        return self.base_model
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """J matrices by ``{target}.j_{axis}`` and head weights by ``head.{name}``."""
+        state = {}
+        for name, adapter in zip(self.target_names, self.craft_adapters):
+            for axis in ("layers", "out", "in"):
+                state[f"{name}.j_{axis}"] = getattr(adapter, f"j_{axis}").detach()
+        for head in self.head_names:
+            for key, value in self.base_model.get_submodule(head).state_dict().items():
+                state[f"head.{head}.{key}"] = value.detach()
+        return state
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the J matrices and head (safetensors), the config and the base fingerprint."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.craft_config.save(directory)
+        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        meta = {"format": _FORMAT, "fingerprint": self.fingerprint, "targets": json.dumps(self.target_names)}
+        save_file(tensors, str(directory / ADAPTER_NAME), metadata=meta)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, factors: Factors | None = None) -> "CraftModel":
+        """Restore an adapter saved by :meth:`save_pretrained` onto its base ``model``.
+
+        Raises:
+            ValueError: the directory holds no adapter, or ``model`` is not the base model
+                the adapter was trained on (its target weights differ).
+        """
+        directory = Path(directory)
+        path = directory / ADAPTER_NAME
+        if not path.is_file():
+            raise ValueError(f"no {ADAPTER_NAME} in {directory}; pass a directory written by CraftModel.save_pretrained")
+        config = CraftConfig.load(directory)
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a CRAFT adapter ({_FORMAT}); save it with CraftModel.save_pretrained")
+        stacks = find_targets(model, config.target_modules)
+        found = weights_fingerprint(model, stacks)
+        if found != meta["fingerprint"]:
+            raise ValueError(
+                f"the adapter in {directory} was trained on another base model (weights fingerprint "
+                f"{meta['fingerprint'][:12]}, this model {found[:12]}); load it onto the model it was saved from"
+            )
+        craft = cls(model, config, factors)
+        craft.load_adapter_state_dict(tensors)
+        return craft
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy J matrices and head weights from :meth:`adapter_state_dict`'s layout."""
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise ValueError(f"adapter weights missing {missing[:4]}; save and load with the same config")
+        for key, target in own.items():
+            if state[key].shape != target.shape:
+                raise ValueError(f"adapter weight {key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}")
+            target.copy_(state[key].to(target.dtype))
+
+
+def _check_factors(factors: Factors, stacks: list[TargetStack], fingerprint: str) -> None:
+    if factors.target_names != [s.name for s in stacks]:
+        raise ValueError(f"factors cover targets {factors.target_names}, the config asks for {[s.name for s in stacks]}; recompute the factors")
+    if factors.fingerprint != fingerprint:
+        raise ValueError("factors were computed from other base weights (fingerprint differs); recompute them for this model")
+
+
+def get_craft_model(model: nn.Module, config: CraftConfig, factors: Factors | None = None, compute: str = "auto") -> CraftModel:
+    """Wrap ``model`` with CRAFT adapters.
+
+    Args:
+        model: a transformers model (any ``nn.Module`` with Linear / Conv1D projections).
+        config: ranks, targets, initialisation.
+        factors: precomputed :class:`Factors` at ranks >= the config's (sliced, not
+            recomputed); None decomposes the targets here.
+        compute: "auto" (cheaper path per batch shape), "factored" or "merged".
+
+    Returns:
+        The :class:`CraftModel`; the input model is modified in place.
+    """
+    return CraftModel(model, config, factors, compute)
