@@ -68,7 +68,7 @@ class CraftConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CraftConfig":
+    def from_dict(cls, data: dict[str, Any]) -> CraftConfig:
         """Build from a dict; unknown keys are an error naming the valid ones."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -81,7 +81,7 @@ class CraftConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "CraftConfig":
+    def from_json(cls, text: str) -> CraftConfig:
         """Parse a JSON string written by :meth:`to_json`."""
         try:
             data = json.loads(text)
@@ -99,7 +99,7 @@ class CraftConfig:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "CraftConfig":
+    def load(cls, directory: str | Path) -> CraftConfig:
         """Read ``craft_config.json`` from ``directory``."""
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():

@@ -8,9 +8,9 @@ fingerprint of the base weights. It is stored as safetensors (no pickle).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,7 +71,10 @@ class Factors:
             "fingerprint": self.fingerprint,
             "max_ranks": json.dumps(list(self.max_ranks)),
             "stacks": json.dumps(
-                [{"name": s.name, "shape": list(s.shape), "sites": [[x.module_name, x.rows] for x in s.sites]} for s in self.stacks]
+                [
+                    {"name": s.name, "shape": list(s.shape), "sites": [[x.module_name, x.rows] for x in s.sites]}
+                    for s in self.stacks
+                ]
             ),
         }
         path = Path(path)
@@ -80,7 +83,7 @@ class Factors:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Factors":
+    def load(cls, path: str | Path) -> Factors:
         """Read factors written by :meth:`save`."""
         from safetensors import safe_open
 

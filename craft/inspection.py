@@ -5,8 +5,8 @@ Compute first (:func:`inspect_model` returns plain data), present second (:func:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 from torch import nn
 
@@ -91,9 +91,7 @@ def inspect_model(
             for axis, spectrum, length in zip(AXES, tucker.spectra, stack.shape)
         }
         # A truncated HOSVD is an orthogonal projection: kept share = ||G_r||^2 / ||W||^2.
-        fit = {
-            _key(t): (float(tucker.core[: t[0], : t[1], : t[2]].pow(2).sum()) / total if total else 1.0) for t in triples
-        }
+        fit = {_key(t): (float(tucker.core[: t[0], : t[1], : t[2]].pow(2).sum()) / total if total else 1.0) for t in triples}
         reports.append(StackReport(stack.name, stack.shape, stack.sites[0].module_name, stack.sites[-1].module_name, energy, fit))
     n_p = len(stacks)
     return ModelReport(
@@ -125,7 +123,11 @@ def format_report(report: ModelReport, source: str = "") -> str:
             cells = "  ".join(f"r={r}: {e:6.1%}" for r, e in s.energy[axis].items())
             lines.append(f"  {s.name}/{axis:<6} {cells}")
     header = f"  {'rank_layers/out/in':<20}{'adapter params':>15}" + "".join(f"{'kept ' + s.name:>16}" for s in report.stacks)
-    lines += ["", "Candidate ranks (adapter params = n_p x (r_layers^2 + r_out^2 + r_in^2), head apart; kept = stack energy in the truncated Tucker):", header]
+    lines += [
+        "",
+        "Candidate ranks (adapter params = n_p x (r_layers^2 + r_out^2 + r_in^2), head apart; kept = stack energy in the truncated Tucker):",
+        header,
+    ]
     for t in report.candidates:
         k = _key(t)
         lines.append(f"  {k:<20}{report.adapter_parameters[k]:>15,}" + "".join(f"{s.fit[k]:>16.1%}" for s in report.stacks))

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import CraftConfig
 from .factors import Factors, check_ranks
-from .layer import CraftAdapter, CraftLinear, AdapterPart
+from .layer import AdapterPart, CraftAdapter, CraftLinear
 from .targets import DEFAULT_HEADS, TargetStack, find_targets, stack_weights, weights_fingerprint
 from .tucker import hosvd
 
@@ -41,7 +41,9 @@ class CraftModel(nn.Module):
         generator = torch.Generator().manual_seed(config.seed)
         adapters = []
         for stack in stacks:
-            tucker = factors.sliced(stack.name, config.ranks) if factors else hosvd(stack_weights(model, stack).cpu(), config.ranks)
+            tucker = (
+                factors.sliced(stack.name, config.ranks) if factors else hosvd(stack_weights(model, stack).cpu(), config.ranks)
+            )
             adapters.append(CraftAdapter(tucker, config.init_scale, generator, reference.dtype))
         self.base_model = model
         self.craft_config = config
@@ -160,7 +162,7 @@ class CraftModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path, factors: Factors | None = None) -> "CraftModel":
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, factors: Factors | None = None) -> CraftModel:
         """Restore an adapter saved by :meth:`save_pretrained` onto its base ``model``.
 
         Raises:
@@ -203,7 +205,9 @@ class CraftModel(nn.Module):
 
 def _check_factors(factors: Factors, stacks: list[TargetStack], fingerprint: str) -> None:
     if factors.target_names != [s.name for s in stacks]:
-        raise ValueError(f"factors cover targets {factors.target_names}, the config asks for {[s.name for s in stacks]}; recompute the factors")
+        raise ValueError(
+            f"factors cover targets {factors.target_names}, the config asks for {[s.name for s in stacks]}; recompute the factors"
+        )
     if factors.fingerprint != fingerprint:
         raise ValueError("factors were computed from other base weights (fingerprint differs); recompute them for this model")
 

@@ -87,7 +87,9 @@ def _resolve(model: nn.Module, target: str) -> TargetStack | None:
         rows = None
         if part:
             if d_out % 3:
-                raise ValueError(f"target {target!r}: {name} has {d_out} outputs, not three equal q/k/v blocks; name an unfused projection")
+                raise ValueError(
+                    f"target {target!r}: {name} has {d_out} outputs, not three equal q/k/v blocks; name an unfused projection"
+                )
             third = d_out // 3
             rows = (_FUSED_PARTS[part] * third, (_FUSED_PARTS[part] + 1) * third)
             d_out = third

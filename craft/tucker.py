@@ -17,8 +17,8 @@ a search can ask for serves every smaller rank.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -84,9 +84,7 @@ def mode_product(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch
     return torch.movedim(out, -1, mode)
 
 
-def multi_mode_product(
-    tensor: torch.Tensor, matrices: Sequence[torch.Tensor], transpose: bool = False
-) -> torch.Tensor:
+def multi_mode_product(tensor: torch.Tensor, matrices: Sequence[torch.Tensor], transpose: bool = False) -> torch.Tensor:
     """Products along every mode in turn: ``tensor x_1 M_1 x_2 M_2 ...``.
 
     With ``transpose=True`` each matrix is applied transposed (projection onto factors).
