@@ -60,45 +60,75 @@ class CraftAdapter(nn.Module):
         self.j_out = nn.Parameter(_init_j(core.shape[1], init_scale, generator, dtype))
         self.j_in = nn.Parameter(_init_j(core.shape[2], init_scale, generator, dtype))
         self._cache: torch.Tensor | None = None
-        self._caching = False
+        self._cache_key: tuple = ()
 
     @property
     def ranks(self) -> tuple[int, int, int]:
         """(rank_layers, rank_out, rank_in)."""
         return tuple(self.core.shape)  # type: ignore[return-value]
 
-    def middles(self) -> torch.Tensor:
-        """M for every layer, shape (L, r_out, r_in); computed once per model forward pass."""
-        if self._caching and self._cache is not None:
-            return self._cache
-        d_layers, d_out, d_in = (_minus_eye(j) for j in (self.j_layers, self.j_out, self.j_in))  # D = J - I
-        delta_core = torch.einsum("lk,kab->lab", self.u_layers @ d_layers, self.core)  # (L, r_out, r_in)
-        top = self.core_base + delta_core  # Gt: (L, r_out, r_in)
-        mids = (
-            delta_core
-            + torch.einsum("oa,lab,ib->loi", d_out, top, self.j_in)  # D_out Gt J_in^T: (L, r_out, r_in)
-            + torch.einsum("lab,ib->lai", top, d_in)  # Gt D_in^T: (L, r_out, r_in)
-        )
-        if self._caching:
-            self._cache = mids
-        return mids
+    def middles(self, refresh: bool = False) -> torch.Tensor:
+        """M for every layer, shape (L, r_out, r_in).
 
-    def begin_pass(self) -> None:
-        """Start caching M for one forward pass of the model (called by a forward pre-hook)."""
-        self._caching, self._cache = True, None
+        The model refreshes it once per forward pass (a pre-hook, outside any checkpointed
+        layer) and every layer indexes it. Between refreshes it is recomputed when a J matrix
+        changes version, the tensors move, or grad mode changes. Its graph may be walked by
+        several backward calls (reentrant checkpointing), see :class:`_Middles`.
 
-    def end_pass(self) -> None:
-        """Drop the cached M at the end of the pass (autograd keeps what backward needs)."""
-        self._caching, self._cache = False, None
+        Args:
+            refresh: recompute even if nothing seems to have changed (J written via ``.data``).
+        """
+        tensors = (self.j_layers, self.j_out, self.j_in, self.core)
+        key = (torch.is_grad_enabled(),) + tuple((t._version, t.data_ptr()) for t in tensors)
+        if refresh or self._cache is None or key != self._cache_key:
+            self._cache = _Middles.apply(self.j_layers, self.j_out, self.j_in, self.u_layers, self.core, self.core_base)
+            self._cache_key = key
+        return self._cache
 
     def delta_weight(self, layer: int) -> torch.Tensor:
         """Update U_out M_l U_in^T of one layer, shape (d_out, d_in)."""
-        mid = self.middles()[layer]  # (r_out, r_in)
+        mid = self.middles(refresh=True)[layer]  # (r_out, r_in)
         return self.u_out @ mid @ self.u_in.T  # (d_out, d_in)
 
 
 def _minus_eye(j: torch.Tensor) -> torch.Tensor:
     return j - torch.eye(j.shape[0], dtype=j.dtype, device=j.device)
+
+
+def _compute_middles(j_layers, j_out, j_in, u_layers, core, core_base) -> torch.Tensor:
+    """M = dG + D_out Gt J_in^T + Gt D_in^T with D = J - I: exactly 0 at J = I."""
+    d_layers, d_out, d_in = (_minus_eye(j) for j in (j_layers, j_out, j_in))
+    delta_core = torch.einsum("lk,kab->lab", u_layers @ d_layers, core)  # dG: (L, r_out, r_in)
+    top = core_base + delta_core  # Gt: (L, r_out, r_in)
+    return (
+        delta_core
+        + torch.einsum("oa,lab,ib->loi", d_out, top, j_in)  # D_out Gt J_in^T: (L, r_out, r_in)
+        + torch.einsum("lab,ib->lai", top, d_in)  # Gt D_in^T: (L, r_out, r_in)
+    )
+
+
+class _Middles(torch.autograd.Function):
+    """:func:`_compute_middles` with a backward that can run more than once.
+
+    M is shared by every layer. Reentrant activation checkpointing back-propagates each
+    layer in a backward call of its own, so M's graph is walked once per layer; the usual
+    saved tensors would be freed after the first walk. Here the inputs are kept on ``ctx``
+    (r x r matrices, a few KB) and backward recomputes the small graph each time.
+    """
+
+    @staticmethod
+    def forward(ctx, j_layers, j_out, j_in, u_layers, core, core_base):  # noqa: D102
+        ctx.kept = tuple(t.detach().clone() for t in (j_layers, j_out, j_in)) + (u_layers, core, core_base)
+        return _compute_middles(j_layers, j_out, j_in, u_layers, core, core_base)
+
+    @staticmethod
+    def backward(ctx, dmids):  # noqa: D102
+        *js, u_layers, core, core_base = ctx.kept
+        with torch.enable_grad():
+            leaves = [j.detach().requires_grad_() for j in js]
+            mids = _compute_middles(*leaves, u_layers, core, core_base)
+            grads = torch.autograd.grad(mids, leaves, dmids)
+        return (*grads, None, None, None)
 
 
 def _init_j(rank: int, scale: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:

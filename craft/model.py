@@ -51,21 +51,15 @@ class CraftModel(nn.Module):
         self.target_names = [s.name for s in stacks]
         self.stacks = stacks
         self.craft_adapters = nn.ModuleList(adapters).to(reference.device)
+        self.head_names = _find_heads(model, config.modules_to_save, stacks)
         self._wrap(stacks, compute)
-        self.head_names = self._freeze(config.modules_to_save)
-        self._hooks = [
-            model.register_forward_pre_hook(self._begin_pass),
-            model.register_forward_hook(self._end_pass, always_call=True),
-        ]
+        self._freeze(self.head_names)
+        self._hook = model.register_forward_pre_hook(self._refresh)
 
-    def _begin_pass(self, *_) -> None:
-        # M of every adapter is computed once per model call and shared by its layers.
+    def _refresh(self, *_) -> None:
+        # One M per adapter per model call, computed before any (checkpointed) layer runs.
         for adapter in self.craft_adapters:
-            adapter.begin_pass()
-
-    def _end_pass(self, *_) -> None:
-        for adapter in self.craft_adapters:
-            adapter.end_pass()
+            adapter.middles(refresh=True)
 
     def __getattr__(self, name: str):
         try:
@@ -88,21 +82,12 @@ class CraftModel(nn.Module):
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
             setattr(parent, child, CraftLinear(getattr(parent, child), module_parts, compute))
 
-    def _freeze(self, modules_to_save: list[str] | None) -> list[str]:
+    def _freeze(self, heads: list[str]) -> None:
         for p in self.base_model.parameters():
             p.requires_grad_(False)
-        suffixes = modules_to_save if modules_to_save is not None else list(DEFAULT_HEADS)
-        heads = [
-            name
-            for name, _ in self.base_model.named_modules()
-            if name and any(name == s or name.endswith("." + s) for s in suffixes)
-        ]
-        if modules_to_save is not None and not heads:
-            raise ValueError(f"modules_to_save {modules_to_save} matches no module of the model; name its head modules")
         for name in heads:
             for p in self.base_model.get_submodule(name).parameters():
                 p.requires_grad_(True)
-        return heads
 
     def craft_layers(self) -> list[CraftLinear]:
         """Every wrapped projection, in model order."""
@@ -135,9 +120,7 @@ class CraftModel(nn.Module):
                 parent_name, _, child = name.rpartition(".")
                 parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
                 setattr(parent, child, module.base_layer)
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._hook.remove()
         return self.base_model
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -201,6 +184,22 @@ class CraftModel(nn.Module):
             if state[key].shape != target.shape:
                 raise ValueError(f"adapter weight {key} has shape {tuple(state[key].shape)}, expected {tuple(target.shape)}")
             target.copy_(state[key].to(target.dtype))
+
+
+def _find_heads(model: nn.Module, modules_to_save: list[str] | None, stacks: list[TargetStack]) -> list[str]:
+    """Names of the head modules to train in full; none may hold an adapted projection."""
+    suffixes = modules_to_save if modules_to_save is not None else list(DEFAULT_HEADS)
+    heads = [n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in suffixes)]
+    if modules_to_save is not None and not heads:
+        raise ValueError(f"modules_to_save {modules_to_save} matches no module of the model; name its head modules")
+    sites = {site.module_name for stack in stacks for site in stack.sites}
+    clash = sorted(h for h in heads for site in sites if site == h or site.startswith(h + "."))
+    if clash:
+        raise ValueError(
+            f"modules_to_save includes {clash[0]}, which holds an adapted projection that CRAFT keeps frozen; "
+            "remove it from modules_to_save or from target_modules"
+        )
+    return heads
 
 
 def _check_factors(factors: Factors, stacks: list[TargetStack], fingerprint: str) -> None:

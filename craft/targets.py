@@ -26,9 +26,9 @@ __all__ = [
 
 # Query / value projections of the common layouts, in order of preference.
 DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
-    ("query", "value"),  # BERT, RoBERTa, ELECTRA, ViT
+    ("query", "value"),  # BERT, RoBERTa, ELECTRA (and ViT before transformers 5)
     ("q_lin", "v_lin"),  # DistilBERT
-    ("q_proj", "v_proj"),  # LLaMA, Mistral, Qwen2 (grouped-query k/v), OPT, CLIP
+    ("q_proj", "v_proj"),  # LLaMA, Mistral, Qwen2 (grouped-query k/v), ViT in transformers 5, OPT, CLIP
     ("c_attn:q", "c_attn:v"),  # GPT-2 fused Conv1D
 )
 DEFAULT_HEADS: tuple[str, ...] = ("classifier", "score", "pre_classifier", "qa_outputs")

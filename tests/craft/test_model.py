@@ -1,0 +1,383 @@
+"""CraftModel / CraftLinear: compute paths, gradients, merge, errors that name the fix, fingerprints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import craft
+from craft import CraftConfig, CraftLinear, CraftModel, choose_compute, get_craft_model, weights_fingerprint
+from craft.targets import find_targets
+
+J_NAMES = [f"craft_adapters.{i}.j_{a}" for i in range(2) for a in ("layers", "out", "in")]
+
+
+def j_grads(cm: CraftModel) -> dict[str, torch.Tensor]:
+    params = dict(cm.named_parameters())
+    return {n: params[n].grad.clone() for n in J_NAMES}
+
+
+# ----------------------------------------------------------------------------- compute paths
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_factored_and_merged_paths_agree(tiny, name):
+    results = {}
+    for compute in ("factored", "merged"):
+        model, inputs = tiny.build(name)
+        cm = get_craft_model(model, tiny.config(init_scale=0.2), compute=compute)
+        assert all(m.compute == compute for m in cm.craft_layers())
+        out = cm(**inputs)
+        out.loss.backward()
+        results[compute] = (
+            out.logits.detach(),
+            j_grads(cm),
+            {n: p.grad.clone() for n, p in cm.named_parameters() if "base_model" in n and p.grad is not None},
+        )
+    (lf, gf, hf), (lm, gm, hm) = results["factored"], results["merged"]
+    assert tiny.max_diff(lf, lm) <= 1e-5
+    for n in J_NAMES:
+        assert float(gf[n].abs().sum()) > 0
+        assert float((gf[n] - gm[n]).norm() / gf[n].norm()) <= 1e-5, n
+    assert hf.keys() == hm.keys() and hf
+    for n in hf:
+        assert float((hf[n] - hm[n]).norm() / hf[n].norm()) <= 1e-5, n
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_merged_path_at_identity_matches_base(tiny, name):
+    model, inputs = tiny.build(name)
+    base = tiny.logits(model, inputs)
+    cm = get_craft_model(model, tiny.config(), compute="merged")
+    assert tiny.max_diff(tiny.logits(cm, inputs), base) <= 1e-6
+
+
+def test_choose_compute():
+    assert choose_compute(tokens=8, d_out=768, d_in=768, r_out=100, r_in=100) == "factored"
+    assert choose_compute(tokens=4096, d_out=768, d_in=768, r_out=100, r_in=100) == "merged"
+    # monotone in the number of tokens: once merged wins it keeps winning
+    picks = [choose_compute(t, 768, 768, 100, 100) for t in (1, 16, 64, 256, 1024, 4096, 65536)]
+    assert picks == sorted(picks, key=lambda p: p == "merged")
+
+
+def test_bad_compute_mode(tiny):
+    model, _ = tiny.build("bert")
+    with pytest.raises(ValueError, match="compute must be one of"):
+        get_craft_model(model, tiny.config(), compute="fast")
+
+
+def _double_bert(tiny, compute: str) -> tuple[CraftModel, dict[str, torch.Tensor]]:
+    model, inputs = tiny.build("bert")
+    model = model.double()
+    cm = get_craft_model(model, CraftConfig(2, 4, 3, init_scale=0.2), compute=compute)
+    assert cm.craft_adapters[0].j_out.dtype == torch.float64
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    return cm, inputs
+
+
+def test_gradcheck_merged_path_float64(tiny):
+    cm, inputs = _double_bert(tiny, "merged")
+    names = J_NAMES
+    start = tuple(dict(cm.named_parameters())[n].detach().clone().requires_grad_(True) for n in names)
+
+    def logits(*js):
+        return functional_call(cm, dict(zip(names, js)), args=(), kwargs=inputs).logits
+
+    assert torch.autograd.gradcheck(logits, start, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_merged_and_factored_gradients_float64(tiny):
+    grads, logits = {}, {}
+    for compute in ("factored", "merged"):
+        cm, inputs = _double_bert(tiny, compute)
+        out = cm(**inputs).logits
+        (out * torch.arange(1.0, 4.0, dtype=torch.float64)).sum().backward()
+        logits[compute] = out.detach()
+        grads[compute] = j_grads(cm)
+    assert tiny.max_diff(logits["factored"], logits["merged"]) < 1e-12
+    for n in J_NAMES:
+        g, h = grads["factored"][n], grads["merged"][n]
+        assert float((g - h).norm() / g.norm()) < 1e-10, n
+
+
+def _enable_checkpointing(model, kwargs):
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+    for module in model.modules():  # train mode activates checkpointing; keep it deterministic
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+@pytest.mark.parametrize("compute", ["factored", "merged"])
+@pytest.mark.parametrize(
+    "kwargs", [None, {"use_reentrant": False}, {"use_reentrant": True}], ids=["default", "non_reentrant", "reentrant"]
+)
+def test_activation_checkpointing_gives_same_gradients(tiny, compute, kwargs):
+    """Training with the model's activation (gradient) checkpointing must work and not change gradients."""
+    grads = {}
+    for checkpointing in (False, True):
+        model, inputs = tiny.build("bert")
+        cm = get_craft_model(model, tiny.config(init_scale=0.2), compute=compute)
+        if checkpointing:
+            _enable_checkpointing(model, kwargs)
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+        cm(**inputs).loss.backward()
+        grads[checkpointing] = j_grads(cm)
+    for n in J_NAMES:
+        g, h = grads[False][n], grads[True][n]
+        assert float((g - h).norm() / g.norm()) <= 1e-5, n
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_target_in_modules_to_save_trains_alike_on_both_paths(tiny, name):
+    """A target listed in modules_to_save: refuse it, or give its base weight the same gradient on both paths."""
+    target = tiny.layouts[name].targets[0].partition(":")[0]
+    head = tiny.layouts[name].heads[0]
+    grads = {}
+    for compute in ("factored", "merged"):
+        model, inputs = tiny.build(name)
+        config = tiny.config(init_scale=0.2, modules_to_save=[head, target])
+        try:
+            cm = get_craft_model(model, config, compute=compute)
+        except ValueError as err:  # refusing the overlap is a valid answer
+            assert "modules_to_save" in str(err)
+            return
+        cm(**inputs).loss.backward()
+        grads[compute] = {n: p.grad for n, p in cm.named_parameters() if p.requires_grad and "base_layer" in n}
+    assert grads["factored"], "the targets' base weights are trainable"
+    for n, g in grads["factored"].items():
+        h = grads["merged"][n]
+        assert h is not None, f"merged path gives {n} no gradient (factored does)"
+        assert float((g - h).norm() / g.norm()) <= 1e-5, n
+
+
+# ----------------------------------------------------------------------------- merge / unmerge
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_craft_linear_merge_unmerge(tiny, name):
+    model, inputs = tiny.build(name)
+    cm = get_craft_model(model, tiny.config(init_scale=0.1))
+    tiny.train(cm, inputs, steps=3)
+    layer: CraftLinear = cm.craft_layers()[1]
+    original = layer.base_weight().detach().clone()
+    x = torch.randn(2, 5, layer.base_weight().shape[1], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        unmerged = layer(x)
+        assert tiny.max_diff(unmerged, layer.base_layer(x)) > 1e-5  # the update is not zero
+        delta = layer.full_delta_weight()
+        layer.merge()
+        assert layer.merged
+        torch.testing.assert_close(layer.base_weight(), original + delta, rtol=0, atol=1e-6)
+        assert tiny.max_diff(layer(x), unmerged) <= 1e-5
+        layer.merge()  # idempotent
+        assert tiny.max_diff(layer(x), unmerged) <= 1e-5
+        layer.unmerge()
+        assert not layer.merged
+        assert tiny.max_diff(layer.base_weight(), original) <= 1e-6
+        assert tiny.max_diff(layer(x), unmerged) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_model_merge_unmerge(tiny, name):
+    model, inputs = tiny.build(name)
+    cm = get_craft_model(model, tiny.config(init_scale=0.1))
+    tiny.train(cm, inputs, steps=3)
+    adapted = tiny.logits(cm, inputs)
+    cm.merge()
+    assert all(m.merged for m in cm.craft_layers())
+    assert tiny.max_diff(tiny.logits(cm, inputs), adapted) <= 1e-5
+    cm.unmerge()
+    assert tiny.max_diff(tiny.logits(cm, inputs), adapted) <= 1e-6
+
+
+def test_get_delta_weight_single_and_fused(tiny):
+    model, _ = tiny.build("gpt2")
+    cm = get_craft_model(model, tiny.config(init_scale=0.1))
+    fused = cm.craft_layers()[0]
+    with pytest.raises(ValueError, match="several parts"):
+        fused.get_delta_weight()
+    q_part, v_part = fused.parts
+    full = fused.full_delta_weight()
+    assert full.shape == (96, 32)
+    torch.testing.assert_close(full[0:32], fused.get_delta_weight(q_part))
+    torch.testing.assert_close(full[64:96], fused.get_delta_weight(v_part))
+    assert float(full[32:64].detach().abs().max()) == 0.0  # k is not adapted
+
+
+def test_delta_weight_matches_residual_tucker_form(tiny):
+    """Delta W_l = T(G; U J)_l - T(G; U)_l, the design's residual form."""
+    model, _ = tiny.build("bert")
+    cm = get_craft_model(model, tiny.config(init_scale=0.3))
+    a = cm.craft_adapters[0]
+    with torch.no_grad():
+        u_l, u_o, u_i = a.u_layers, a.u_out, a.u_in
+        adapted = torch.einsum("abc,la,ob,ic->loi", a.core, u_l @ a.j_layers, u_o @ a.j_out, u_i @ a.j_in)
+        base = torch.einsum("abc,la,ob,ic->loi", a.core, u_l, u_o, u_i)
+        for layer in range(3):
+            torch.testing.assert_close(a.delta_weight(layer), adapted[layer] - base[layer], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_rank_above_axis(tiny):
+    model, _ = tiny.build("bert")
+    with pytest.raises(ValueError, match=r"rank_layers=99.*choose rank_layers <= 3"):
+        get_craft_model(model, CraftConfig(99, 8, 8))
+
+
+def test_rank_above_gqa_value_axis(tiny):
+    model, _ = tiny.build("llama")
+    with pytest.raises(ValueError, match=r"rank_out=20.*'v_proj'.*choose rank_out <= 16"):
+        get_craft_model(model, CraftConfig(2, 20, 8))
+
+
+def test_no_targets_found():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="target_modules"):
+        get_craft_model(model, CraftConfig(1, 1, 1))
+
+
+def test_target_that_matches_nothing(tiny):
+    model, _ = tiny.build("bert")
+    with pytest.raises(ValueError, match=r"'nope' matches no module.*target_modules"):
+        get_craft_model(model, tiny.config(target_modules=["query", "nope"]))
+
+
+def test_target_that_is_not_a_projection(tiny):
+    model, _ = tiny.build("bert")
+    with pytest.raises(ValueError, match=r"nn.Linear and Conv1D.*target_modules"):
+        get_craft_model(model, tiny.config(target_modules=["attention"]))
+
+
+def test_overlapping_targets(tiny):
+    model, _ = tiny.build("bert")
+    with pytest.raises(ValueError, match="list each projection once"):
+        find_targets(model, ["query", "self.query"])
+
+
+def test_bad_fused_part(tiny):
+    model, _ = tiny.build("gpt2")
+    with pytest.raises(ValueError, match="q, k or v"):
+        find_targets(model, ["c_attn:x"])
+
+
+class _Block(nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.query = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.query(x)
+
+
+class _Uneven(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(8, 8), _Block(8, 8), _Block(8, 6)])
+
+
+def test_unstackable_shapes_name_the_modules():
+    with pytest.raises(ValueError, match=r"blocks\.0\.query is 8x8.*blocks\.2\.query is 6x8.*target_modules"):
+        get_craft_model(_Uneven(), CraftConfig(1, 1, 1, target_modules=["query"]))
+
+
+class _Even(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(8, 8) for _ in range(3)])
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+def test_custom_module_with_named_target():
+    torch.manual_seed(0)
+    model = _Even()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        before = model(x)
+    cm = get_craft_model(model, CraftConfig(2, 3, 3, target_modules=["query"], modules_to_save=["head"]))
+    assert [s.module_name for s in cm.stacks[0].sites] == ["blocks.0.query", "blocks.1.query", "blocks.2.query"]
+    assert cm.head_names == ["head"]
+    assert cm.num_adapter_parameters() == 4 + 9 + 9
+    with torch.no_grad():
+        assert torch.equal(cm(x), before)
+
+
+def test_modules_to_save_that_matches_nothing(tiny):
+    model, _ = tiny.build("bert")
+    with pytest.raises(ValueError, match="modules_to_save"):
+        get_craft_model(model, tiny.config(modules_to_save=["head_that_is_not_there"]))
+
+
+def test_load_onto_another_base_model(tiny, tmp_path):
+    model, _ = tiny.build("bert", seed=0)
+    get_craft_model(model, tiny.config()).save_pretrained(tmp_path)
+    other, _ = tiny.build("bert", seed=1)
+    with pytest.raises(ValueError, match="another base model"):
+        CraftModel.from_pretrained(other, tmp_path)
+
+
+def test_from_pretrained_empty_directory(tiny, tmp_path):
+    model, _ = tiny.build("bert")
+    with pytest.raises(ValueError, match=r"no adapter_model\.safetensors.*save_pretrained"):
+        CraftModel.from_pretrained(model, tmp_path)
+
+
+def test_from_pretrained_missing_weights(tiny, tmp_path):
+    model, _ = tiny.build("bert")
+    get_craft_model(model, tiny.config()).save_pretrained(tmp_path)
+    fresh, _ = tiny.build("bert")
+    cm = get_craft_model(fresh, tiny.config())
+    state = cm.adapter_state_dict()
+    del state["query.j_out"]
+    with pytest.raises(ValueError, match="missing.*same config"):
+        cm.load_adapter_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def test_weights_fingerprint(tiny):
+    a, _ = tiny.build("bert", seed=0)
+    b, _ = tiny.build("bert", seed=0)
+    c, _ = tiny.build("bert", seed=1)
+    stacks = find_targets(a)
+    fp = weights_fingerprint(a, stacks)
+    assert len(fp) == 64
+    assert weights_fingerprint(b, find_targets(b)) == fp
+    assert weights_fingerprint(c, find_targets(c)) != fp
+    with torch.no_grad():
+        w = b.bert.encoder.layer[2].attention.self.value.weight
+        w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(float("inf")))  # one ulp of one element
+    assert weights_fingerprint(b, stacks) != fp
+    # other targets are another fingerprint too
+    assert weights_fingerprint(a, find_targets(a, ["query"])) != fp
+
+
+def test_fingerprint_of_fused_slice(tiny):
+    a, _ = tiny.build("gpt2")
+    stacks = find_targets(a)
+    fp = weights_fingerprint(a, stacks)
+    with torch.no_grad():
+        a.transformer.h[0].attn.c_attn.weight[0, 40] += 1.0  # a k column: not a target
+    assert weights_fingerprint(a, stacks) == fp
+    with torch.no_grad():
+        a.transformer.h[0].attn.c_attn.weight[0, 70] += 1.0  # a v column
+    assert weights_fingerprint(a, stacks) != fp
+
+
+def test_public_api():
+    for name in craft.__all__:
+        assert hasattr(craft, name), name
