@@ -60,6 +60,7 @@ class CraftAdapter(nn.Module):
         self.j_out = nn.Parameter(_init_j(core.shape[1], init_scale, generator, dtype))
         self.j_in = nn.Parameter(_init_j(core.shape[2], init_scale, generator, dtype))
         self._cache: torch.Tensor | None = None
+        self._per_layer: tuple[torch.Tensor, ...] = ()
         self._cache_key: tuple = ()
 
     @property
@@ -82,8 +83,16 @@ class CraftAdapter(nn.Module):
         key = (torch.is_grad_enabled(),) + tuple((t._version, t.data_ptr()) for t in tensors)
         if refresh or self._cache is None or key != self._cache_key:
             self._cache = _Middles.apply(self.j_layers, self.j_out, self.j_in, self.u_layers, self.core, self.core_base)
+            # One unbind per pass: its backward stacks the layers' gradients in one op, where
+            # indexing per layer would zero-fill and add an (L, r_out, r_in) tensor per layer.
+            self._per_layer = self._cache.unbind(0)
             self._cache_key = key
         return self._cache
+
+    def middle(self, layer: int) -> torch.Tensor:
+        """M of one layer, shape (r_out, r_in), from the pass's shared computation."""
+        self.middles()
+        return self._per_layer[layer]
 
     def delta_weight(self, layer: int) -> torch.Tensor:
         """Update U_out M_l U_in^T of one layer, shape (d_out, d_in)."""
@@ -222,12 +231,12 @@ class CraftLinear(nn.Module):
             d_out, d_in = a.u_out.shape[0], a.u_in.shape[0]
             mode = choose_compute(x.numel() // x.shape[-1], d_out, d_in, a.u_out.shape[1], a.u_in.shape[1])
         if mode == "merged":
-            mids = [p.adapter.middles()[p.layer] for p in self._parts]
+            mids = [p.adapter.middle(p.layer) for p in self._parts]
             spec = tuple((p.rows, p.adapter.u_out, p.adapter.u_in) for p in self._parts)
             return _MergedLinear.apply(x, self.base_weight(), _bias(self.base_layer), spec, *mids)
         out = self.base_layer(x)
         for p in self._parts:
-            mid = p.adapter.middles()[p.layer]  # (r_out, r_in)
+            mid = p.adapter.middle(p.layer)  # (r_out, r_in)
             update = ((x @ p.adapter.u_in) @ mid.T) @ p.adapter.u_out.T  # (..., d_out)
             if p.rows is None:
                 out = out + update
@@ -255,13 +264,17 @@ class _MergedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec, *mids):  # noqa: D102
-        eff = weight.detach().clone()  # (out, in)
+        eff = weight
         for (rows, u_out, u_in), mid in zip(spec, mids):
-            lo, hi = rows or (0, eff.shape[0])
-            eff[lo:hi] += (u_out @ mid @ u_in.T).to(eff.dtype)  # (d_out, d_in)
+            left = u_out @ mid  # (d_out, r_in)
+            if rows is None:
+                eff = torch.addmm(eff, left, u_in.T)  # W + U_out M U_in^T: (out, in), a new tensor
+            else:
+                eff = eff.clone() if eff is weight else eff
+                eff[rows[0] : rows[1]].addmm_(left, u_in.T)  # (d_out, d_in) block of the fused weight
         y = F.linear(x, eff, bias)  # (..., out)
         need = list(ctx.needs_input_grad[4:])
-        projected = [x.detach() @ u_in if n else None for (_, _, u_in), n in zip(spec, need)]  # (..., r_in)
+        projected = [x @ u_in if n else None for (_, _, u_in), n in zip(spec, need)]  # (..., r_in)
         ctx.spec = spec
         ctx.need = need
         ctx.save_for_backward(eff, *[p for p in projected if p is not None])
@@ -270,15 +283,18 @@ class _MergedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
         eff, *projected = ctx.saved_tensors
-        dx = dy @ eff.to(dy.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
+        dx = dy @ _as(eff, dy.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
         grads, it = [], iter(projected)
         for (rows, u_out, _), need in zip(ctx.spec, ctx.need):
             if not need:
                 grads.append(None)
                 continue
-            lo, hi = rows or (0, eff.shape[0])
             a = next(it)  # (..., r_in)
-            g = dy[..., lo:hi] @ u_out.to(dy.dtype)  # (..., r_out)
-            dmid = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1]).to(dy.dtype)  # (r_out, r_in)
-            grads.append(dmid.to(u_out.dtype))
+            g = (dy if rows is None else dy[..., rows[0] : rows[1]]) @ _as(u_out, dy.dtype)  # (..., r_out)
+            dmid = g.reshape(-1, g.shape[-1]).T @ _as(a, dy.dtype).reshape(-1, a.shape[-1])  # (r_out, r_in)
+            grads.append(_as(dmid, u_out.dtype))
         return (dx, None, None, None, *grads)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
