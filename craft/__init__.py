@@ -6,14 +6,47 @@ type. Usable on its own, like peft: nothing here imports ray, mlflow or the sear
 """
 
 from .config import CONFIG_NAME, CraftConfig
+from .data import make_loader, tokenize_task
 from .factors import Factors, check_ranks, compute_factors
+from .hub import DEMO_MODEL, load_model, load_tokenizer
+from .job import JobResult, run_job
 from .layer import AdapterPart, CraftAdapter, CraftLinear, choose_compute
-from .model import ADAPTER_NAME, CraftModel, get_craft_model
+from .methods import AdaptedModel, apply_method, merged_model, parameter_groups, save_adapter
+from .metrics import compute_metrics
+from .model import ADAPTER_NAME, CraftModel, find_heads, get_craft_model
+from .runconfig import METHODS, RunConfig, load_run_config
 from .targets import DEFAULT_TARGETS, TargetStack, find_targets, stack_weights, weights_fingerprint
+from .tasks import GLUE_TASKS, Task, TaskSpec, load_task
+from .trainer import EvalEvent, TrainResult, evaluate, train
 from .tucker import Tucker, energy_kept, hosvd, reconstruct, truncate
 
 __all__ = [
     "ADAPTER_NAME",
+    "DEMO_MODEL",
+    "GLUE_TASKS",
+    "METHODS",
+    "AdaptedModel",
+    "EvalEvent",
+    "JobResult",
+    "RunConfig",
+    "Task",
+    "TaskSpec",
+    "TrainResult",
+    "apply_method",
+    "compute_metrics",
+    "evaluate",
+    "find_heads",
+    "load_model",
+    "load_run_config",
+    "load_task",
+    "load_tokenizer",
+    "make_loader",
+    "merged_model",
+    "parameter_groups",
+    "run_job",
+    "save_adapter",
+    "tokenize_task",
+    "train",
     "CONFIG_NAME",
     "AdapterPart",
     "CraftAdapter",

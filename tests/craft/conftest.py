@@ -230,3 +230,97 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# A tiny sentiment task for the training loop and the baselines: texts of "good" / "bad" words and
+# filler, label 1 when good words are the majority. Separable, but only through the attention: a
+# random BERT's pooled output barely carries it, so head-only training stays near chance.
+GOOD = ("good", "great", "fine", "nice", "superb")
+BAD = ("bad", "awful", "poor", "sad", "boring")
+FILLER = ("the", "a", "movie", "film", "is", "was", "it", "plot", "and", "very")
+TASK_WORDS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *GOOD, *BAD, *FILLER)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Stands in for craft.tasks.TaskSpec (same attribute names)."""
+
+    text_fields: tuple[str, ...] = ("text",)
+    num_labels: int = 2
+    eval_splits: tuple[str, ...] = ("validation",)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+
+@dataclass
+class TinyTask:
+    """Stands in for craft.tasks.Task: a spec and its splits."""
+
+    spec: TinySpec
+    splits: object  # datasets.DatasetDict
+
+
+def _sentiment(n: int, seed: int) -> dict[str, list]:
+    import random
+
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        major, minor = (GOOD, BAD) if label else (BAD, GOOD)
+        k = rng.choice([1, 3])
+        words = [rng.choice(major) for _ in range(k + 1)] + [rng.choice(minor) for _ in range(k // 2)]
+        words += [rng.choice(FILLER) for _ in range(rng.randint(2, 5))]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(label)
+    return {"text": texts, "label": labels}
+
+
+class Sentiment:
+    """The tiny task, its tokenizer, a BERT builder and a metrics function (``sentiment`` fixture)."""
+
+    def __init__(self, n_train: int = 256, n_val: int = 128):
+        import datasets
+
+        splits = {"train": _sentiment(n_train, 1), "validation": _sentiment(n_val, 2)}
+        self.task = TinyTask(TinySpec(), datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()}))
+        self.spec = self.task.spec
+        self.tokenizer = tf.BertTokenizer(vocab={w: i for i, w in enumerate(TASK_WORDS)})
+
+    @staticmethod
+    def bert(seed: int = 0, dropout: float = 0.1, num_labels: int = 2) -> torch.nn.Module:
+        """A 2-layer BERT (hidden 32) over the task's vocabulary; weights wide enough (std 0.1)
+        that its attention can learn the task."""
+        config = tf.BertConfig(
+            vocab_size=len(TASK_WORDS),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=num_labels,
+            initializer_range=0.1,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            attn_implementation="eager",
+        )
+        torch.manual_seed(seed)
+        return tf.BertForSequenceClassification(config)
+
+    @staticmethod
+    def metrics(spec, predictions, labels) -> dict[str, float]:
+        """Accuracy, also the score (regression: minus the mean squared error)."""
+        if spec.is_regression:
+            mse = float(((predictions - labels) ** 2).mean())
+            return {"mse": mse, "score": -mse}
+        accuracy = float((predictions == labels).mean())
+        return {"accuracy": accuracy, "score": accuracy}
+
+
+@pytest.fixture(scope="session")
+def sentiment() -> Sentiment:
+    """The tiny sentiment task (256 training, 128 validation examples) and its helpers."""
+    return Sentiment()

@@ -1,0 +1,138 @@
+"""One fine-tuning run from a :class:`~craft.runconfig.RunConfig`, end to end.
+
+Load the task and the model, apply the method, train with evaluations, score the test split,
+save the adapter (and on request the merged model). Tracking is the caller's: it passes a
+``callback`` that sees every evaluation (the CLI logs to MLflow, a search trial reports to Ray).
+
+Layout of ``output_dir``::
+
+    config.yaml     the run config as run (train it again unchanged)
+    checkpoint/     the latest training checkpoint (resume with resume=True)
+    adapter/        the trained adapter and head (safetensors)
+    merged/         the merged transformers model and tokenizer (save_merged only)
+    metrics.json    final evaluation, test metrics, parameter counts
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import tokenize_task
+from .factors import Factors
+from .hub import load_model, load_tokenizer
+from .methods import apply_method, merged_model, save_adapter
+from .metrics import compute_metrics
+from .runconfig import RunConfig
+from .tasks import TaskSpec, load_task
+from .trainer import EvalEvent, TrainResult, evaluate, train
+
+__all__ = ["JobResult", "run_job"]
+
+
+@dataclass
+class JobResult:
+    """What a run produced: its training history, test metrics, sizes and files."""
+
+    run: RunConfig
+    spec: TaskSpec
+    adapter_parameters: int
+    head_parameters: int
+    train: TrainResult
+    test_metrics: dict[str, float]  # "test/<metric>"; empty when the task has no labelled test split
+    output_dir: Path
+    adapter_dir: Path
+    merged_dir: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Final metrics, test metrics, parameter counts and paths, JSON-ready."""
+        return {
+            "task": self.spec.name,
+            "method": self.run.method,
+            "adapter_parameters": self.adapter_parameters,
+            "head_parameters": self.head_parameters,
+            "steps": self.train.steps,
+            "stopped_early": self.train.stopped_early,
+            "final": self.train.final.metrics,
+            "test": self.test_metrics,
+            "adapter_dir": str(self.adapter_dir),
+            "merged_dir": str(self.merged_dir) if self.merged_dir else None,
+            "timings": self.timings,
+        }
+
+
+def run_job(
+    run: RunConfig,
+    *,
+    callback: Callable[[EvalEvent], bool | None] | None = None,
+    factors: Factors | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+) -> JobResult:
+    """Train ``run`` and save its outputs under ``run.output_dir``.
+
+    Args:
+        run: the validated run config.
+        callback: sees every evaluation; returning True stops the run early.
+        factors: cached HOSVD factors for a CRAFT run (sliced, not recomputed).
+        resume: continue from ``output_dir/checkpoint`` when it exists.
+        progress: show a progress bar (None: when stderr is a terminal).
+
+    Raises:
+        ValueError: bad data, model or config, in one line.
+        FloatingPointError: the loss turned NaN or infinite.
+    """
+    started = time.perf_counter()
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(run.to_yaml())
+    task = load_task(run.task, run.data, seed=run.train.seed)
+    tokenizer = load_tokenizer(run.model)
+    torch.manual_seed(run.train.seed)  # the new head's initialisation is part of the run
+    model = load_model(run.model, num_labels=task.spec.num_labels, label_names=task.spec.label_names)
+    adapted = apply_method(model, run, factors=factors)
+    tokenized = tokenize_task(task, tokenizer, run.train.max_length)
+    prepared = time.perf_counter()
+    metrics_fn = compute_metrics
+    result = train(
+        adapted,
+        tokenized,
+        task.spec,
+        run.train,
+        tokenizer,
+        metrics_fn=metrics_fn,
+        callback=callback,
+        checkpoint_dir=out,  # the trainer keeps its latest checkpoint in out/checkpoint
+        resume=resume,
+        progress=progress,
+    )
+    trained = time.perf_counter()
+    test = {}
+    if "test" in tokenized and not result.stopped_early:
+        test = evaluate(adapted, tokenized, task.spec, run.train, tokenizer, metrics_fn=metrics_fn, splits=("test",))
+    adapter_dir = save_adapter(adapted, out / "adapter")
+    merged_dir = None
+    if run.save_merged and not result.stopped_early:
+        merged_dir = out / "merged"
+        merged_model(adapted).save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+    job = JobResult(
+        run=run,
+        spec=task.spec,
+        adapter_parameters=adapted.adapter_parameters,
+        head_parameters=adapted.head_parameters,
+        train=result,
+        test_metrics=test,
+        output_dir=out,
+        adapter_dir=adapter_dir,
+        merged_dir=merged_dir,
+        timings={"prepare_s": prepared - started, "train_s": trained - prepared, "total_s": time.perf_counter() - started},
+    )
+    (out / "metrics.json").write_text(json.dumps(job.summary(), indent=2) + "\n")
+    return job

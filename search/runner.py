@@ -1,0 +1,85 @@
+"""A training run with MLflow tracking: the ``train`` command's work, apart from parsing.
+
+One MLflow run per job: params (the flattened run config), metrics at every evaluation, the
+final and test metrics, parameter counts, the adapter and config as artifacts. A resumed job
+writes into the MLflow run it started (its id is kept in ``output_dir/mlflow_run.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from craft.job import JobResult, run_job
+from craft.runconfig import RunConfig
+from craft.trainer import EvalEvent
+
+from .tracking import RunTracker, resolve_tracking_uri
+
+__all__ = ["TrackedJob", "train_tracked", "event_metrics"]
+
+_RUN_FILE = "mlflow_run.json"
+
+
+@dataclass
+class TrackedJob:
+    """A finished job and where it was tracked (``run_id`` None when tracking is off)."""
+
+    job: JobResult
+    tracking_uri: str | None
+    run_id: str | None
+
+
+def event_metrics(event: EvalEvent) -> dict[str, float]:
+    """The metrics of one evaluation as logged: eval metrics, train loss, learning rates."""
+    metrics = dict(event.metrics)
+    if event.train_loss is not None:
+        metrics["train/loss"] = event.train_loss
+    metrics.update({f"lr/{group}": lr for group, lr in event.learning_rates.items()})
+    metrics["epoch"] = event.epoch
+    return metrics
+
+
+def _tracker(run: RunConfig, resume: bool) -> RunTracker:
+    uri = resolve_tracking_uri(run.tracking.uri)
+    run_file = Path(run.output_dir) / _RUN_FILE
+    previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
+    if previous and previous.get("tracking_uri") == uri:
+        return RunTracker(uri, run.tracking.experiment, run_id=previous["run_id"])
+    tags = {"craft.method": run.method, "craft.task": run.task, "craft.model": run.model}
+    for key, value in (run.provenance or {}).items():
+        tags[f"craft.source.{key}"] = str(value)
+    tracker = RunTracker(uri, run.tracking.experiment, run_name=Path(run.output_dir).name, tags=tags)
+    tracker.log_params(run.to_dict())
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"tracking_uri": uri, "run_id": tracker.run_id}) + "\n")
+    return tracker
+
+
+def train_tracked(run: RunConfig, *, resume: bool = False, progress: bool | None = None) -> TrackedJob:
+    """Run :func:`craft.job.run_job` and track it in MLflow (unless ``run.tracking.enabled`` is off).
+
+    Raises:
+        ValueError: bad input or an unreachable tracking server, before any training.
+        FloatingPointError: the loss diverged (the MLflow run is marked FAILED).
+    """
+    if not run.tracking.enabled:
+        return TrackedJob(run_job(run, resume=resume, progress=progress), None, None)
+    tracker = _tracker(run, resume)
+    with tracker:
+
+        def report(event: EvalEvent) -> None:
+            tracker.log_metrics(event_metrics(event), step=event.step)
+
+        job = run_job(run, callback=report, resume=resume, progress=progress)
+        final_step = job.train.steps
+        tracker.log_metrics(job.test_metrics, step=final_step)
+        tracker.log_metrics(
+            {"adapter_parameters": job.adapter_parameters, "head_parameters": job.head_parameters}, step=final_step
+        )
+        tracker.set_tags({"craft.adapter_parameters": job.adapter_parameters, "craft.stopped_early": job.train.stopped_early})
+        tracker.log_artifacts(job.adapter_dir, "adapter")
+        for name in ("config.yaml", "metrics.json"):
+            tracker.client.log_artifact(tracker.run_id, str(job.output_dir / name))
+    return TrackedJob(job, tracker.uri, tracker.run_id)

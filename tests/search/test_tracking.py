@@ -1,0 +1,66 @@
+"""MLflow tracking against the embedded SQLite store and a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.tracking import RunTracker, check_tracking_uri, flatten, resolve_tracking_uri
+
+
+def test_flatten_nested_config():
+    flat = flatten({"train": {"lr": 0.001, "seed": 0}, "craft": {"target_modules": ["query", "value"]}, "x": None})
+    assert flat == {"train.lr": "0.001", "train.seed": "0", "craft.target_modules": '["query", "value"]'}
+
+
+def test_embedded_sqlite_default(tmp_path):
+    uri = resolve_tracking_uri(None, tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "weights.txt").write_text("j")
+    with RunTracker(uri, "exp", run_name="one") as run:
+        run.log_params({"train": {"lr": 0.01}})
+        run.log_metrics({"validation/accuracy": 0.5, "nan": float("nan")}, step=10)
+        run.log_metrics({"validation/accuracy": 0.75}, step=20)
+        run.log_artifacts(tmp_path / "adapter", "adapter")
+    client = MlflowClient(uri)
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.params == {"train.lr": "0.01"}
+    history = client.get_metric_history(run.run_id, "validation/accuracy")
+    assert [(m.step, m.value) for m in history] == [(10, 0.5), (20, 0.75)]
+    assert "nan" not in got.data.metrics
+    assert [f.path for f in client.list_artifacts(run.run_id, "adapter")] == ["adapter/weights.txt"]
+    assert (tmp_path / "mlartifacts" / "exp").is_dir()  # artifacts live next to the database
+
+
+def test_failed_run_is_marked(tmp_path):
+    uri = resolve_tracking_uri(None, tmp_path)
+    with pytest.raises(RuntimeError):
+        with RunTracker(uri, "exp") as run:
+            raise RuntimeError("boom")
+    assert MlflowClient(uri).get_run(run.run_id).info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_server_nested_runs(mlflow_server, tmp_path):
+    parent = RunTracker(mlflow_server, "server-exp", run_name="parent")
+    with RunTracker(mlflow_server, "server-exp", run_name="child", parent_run_id=parent.run_id) as child:
+        child.log_metrics({"score": 0.9}, step=1)
+        (tmp_path / "a.txt").write_text("x")
+        child.log_artifacts(tmp_path, "adapter")
+    parent.end()
+    client = MlflowClient(mlflow_server)
+    got = client.get_run(child.run_id)
+    assert got.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert got.data.metrics == {"score": 0.9}
+    assert [f.path for f in client.list_artifacts(child.run_id, "adapter")] == ["adapter/a.txt"]
+
+
+def test_unreachable_server_fails_fast():
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="unreachable"):
+        check_tracking_uri("http://127.0.0.1:9", timeout=2)
+    assert time.monotonic() - start < 5
