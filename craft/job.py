@@ -20,19 +20,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .data import tokenize_task
 from .factors import Factors
 from .hub import load_model, load_tokenizer
-from .methods import apply_method, merged_model, save_adapter
+from .methods import AdaptedModel, apply_method, merged_model, save_adapter
 from .metrics import compute_metrics
 from .runconfig import RunConfig
-from .tasks import TaskSpec, load_task
+from .tasks import Task, TaskSpec, load_task
 from .trainer import EvalEvent, TrainResult, evaluate, train
 
-__all__ = ["JobResult", "run_job"]
+__all__ = ["JobResult", "PreparedJob", "prepare_job", "run_job"]
 
 
 @dataclass
@@ -67,9 +68,37 @@ class JobResult:
         }
 
 
+@dataclass
+class PreparedJob:
+    """Everything a run needs before training: data, tokenizer, adapted model (validated)."""
+
+    task: Task
+    tokenizer: Any
+    adapted: AdaptedModel
+    tokenized: Any
+    seconds: float
+
+
+def prepare_job(run: RunConfig, factors: Factors | None = None) -> PreparedJob:
+    """Load the task and the model and apply the method: every input check happens here.
+
+    Raises:
+        ValueError: unknown task or model, missing column, empty split, bad labels or ranks.
+    """
+    started = time.perf_counter()
+    task = load_task(run.task, run.data, seed=run.train.seed)
+    tokenizer = load_tokenizer(run.model)
+    torch.manual_seed(run.train.seed)  # the new head's initialisation is part of the run
+    model = load_model(run.model, num_labels=task.spec.num_labels, label_names=task.spec.label_names)
+    adapted = apply_method(model, run, factors=factors)
+    tokenized = tokenize_task(task, tokenizer, run.train.max_length)
+    return PreparedJob(task, tokenizer, adapted, tokenized, time.perf_counter() - started)
+
+
 def run_job(
     run: RunConfig,
     *,
+    prepared: PreparedJob | None = None,
     callback: Callable[[EvalEvent], bool | None] | None = None,
     factors: Factors | None = None,
     resume: bool = False,
@@ -79,6 +108,7 @@ def run_job(
 
     Args:
         run: the validated run config.
+        prepared: the result of :func:`prepare_job` for this run (prepared here when None).
         callback: sees every evaluation; returning True stops the run early.
         factors: cached HOSVD factors for a CRAFT run (sliced, not recomputed).
         resume: continue from ``output_dir/checkpoint`` when it exists.
@@ -88,17 +118,12 @@ def run_job(
         ValueError: bad data, model or config, in one line.
         FloatingPointError: the loss turned NaN or infinite.
     """
-    started = time.perf_counter()
+    prepared = prepared or prepare_job(run, factors)
+    task, tokenizer, adapted, tokenized = prepared.task, prepared.tokenizer, prepared.adapted, prepared.tokenized
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(run.to_yaml())
-    task = load_task(run.task, run.data, seed=run.train.seed)
-    tokenizer = load_tokenizer(run.model)
-    torch.manual_seed(run.train.seed)  # the new head's initialisation is part of the run
-    model = load_model(run.model, num_labels=task.spec.num_labels, label_names=task.spec.label_names)
-    adapted = apply_method(model, run, factors=factors)
-    tokenized = tokenize_task(task, tokenizer, run.train.max_length)
-    prepared = time.perf_counter()
+    started = time.perf_counter()
     metrics_fn = compute_metrics
     result = train(
         adapted,
@@ -115,7 +140,8 @@ def run_job(
     trained = time.perf_counter()
     test = {}
     if "test" in tokenized and not result.stopped_early:
-        test = evaluate(adapted, tokenized, task.spec, run.train, tokenizer, metrics_fn=metrics_fn, splits=("test",))
+        scored = evaluate(adapted, tokenized, task.spec, run.train, tokenizer, metrics_fn=metrics_fn, splits=("test",))
+        test = {k: v for k, v in scored.items() if k.startswith("test/")}  # its bare "score" is the validation's name
     adapter_dir = save_adapter(adapted, out / "adapter")
     merged_dir = None
     if run.save_merged and not result.stopped_early:
@@ -132,7 +158,11 @@ def run_job(
         output_dir=out,
         adapter_dir=adapter_dir,
         merged_dir=merged_dir,
-        timings={"prepare_s": prepared - started, "train_s": trained - prepared, "total_s": time.perf_counter() - started},
+        timings={
+            "prepare_s": prepared.seconds,
+            "train_s": trained - started,
+            "total_s": prepared.seconds + time.perf_counter() - started,
+        },
     )
     (out / "metrics.json").write_text(json.dumps(job.summary(), indent=2) + "\n")
     return job

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -127,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # one line per result, not a bar per weight file
     hf_logging.set_verbosity_error()  # e.g. "newly initialized classifier": expected, the head is trained
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables"
+    import datasets
+
+    datasets.disable_progress_bars()  # reading and tokenising data: a bar per split is noise
     try:
         return args.func(args)
     except ValueError as err:

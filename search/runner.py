@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from craft.job import JobResult, run_job
+from craft.job import JobResult, prepare_job, run_job
 from craft.runconfig import RunConfig
 from craft.trainer import EvalEvent
 
-from .tracking import RunTracker, resolve_tracking_uri
+from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
 __all__ = ["TrackedJob", "train_tracked", "event_metrics"]
 
@@ -64,15 +64,18 @@ def train_tracked(run: RunConfig, *, resume: bool = False, progress: bool | None
         ValueError: bad input or an unreachable tracking server, before any training.
         FloatingPointError: the loss diverged (the MLflow run is marked FAILED).
     """
+    if run.tracking.enabled:
+        check_tracking_uri(resolve_tracking_uri(run.tracking.uri))  # before minutes of loading
+    prepared = prepare_job(run)  # every input check, before an MLflow run exists
     if not run.tracking.enabled:
-        return TrackedJob(run_job(run, resume=resume, progress=progress), None, None)
+        return TrackedJob(run_job(run, prepared=prepared, resume=resume, progress=progress), None, None)
     tracker = _tracker(run, resume)
     with tracker:
 
         def report(event: EvalEvent) -> None:
             tracker.log_metrics(event_metrics(event), step=event.step)
 
-        job = run_job(run, callback=report, resume=resume, progress=progress)
+        job = run_job(run, prepared=prepared, callback=report, resume=resume, progress=progress)
         final_step = job.train.steps
         tracker.log_metrics(job.test_metrics, step=final_step)
         tracker.log_metrics(

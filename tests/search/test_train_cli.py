@@ -1,0 +1,139 @@
+"""``craft-search train``: a tiny model on a CSV task end to end, MLflow tracking, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import sentiment_rows, write_csv
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForSequenceClassification
+
+from craft import CraftModel
+from search.cli import main
+
+
+@pytest.fixture
+def run_setup(tiny_model_dir, tmp_path):
+    data = tmp_path / "reviews.csv"
+    write_csv(data, sentiment_rows(240, seed=1))
+    config = {
+        "model": str(tiny_model_dir),
+        "task": f"csv:{data}",
+        "data": {"text_columns": ["text"], "label_column": "label"},
+        "method": "craft",
+        "craft": {"rank_layers": 2, "rank_out": 8, "rank_in": 8},
+        "train": {"max_steps": 6, "eval_every": 3, "batch_size": 16, "lr": 0.01, "head_lr": 0.01, "max_length": 16},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "cli-test"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, config, tmp_path
+
+
+def test_train_end_to_end_with_tracking(run_setup, tiny_model_dir, capsys):
+    path, config, tmp = run_setup
+    assert main(["train", str(path), "--save-merged"]) == 0
+    out = capsys.readouterr().out
+    assert "craft on csv:" in out and "6 steps" in out and "adapter parameters 2 x" not in out
+    assert f"adapter parameters {2 * (4 + 64 + 64):,}" in out
+    summary = json.loads((tmp / "run" / "metrics.json").read_text())
+    assert summary["steps"] == 6 and summary["adapter_parameters"] == 264
+    assert set(summary["test"]) >= {"test/accuracy", "test/score", "test/loss"}
+    # MLflow: one run with the config as params, a metric point per evaluation, the adapter
+    client = MlflowClient(config["tracking"]["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method"] == "craft" and run.data.params["craft.rank_out"] == "8"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [3, 6]
+    assert run.data.metrics["score"] == pytest.approx(summary["final"]["score"])
+    assert run.data.metrics["test/accuracy"] == pytest.approx(summary["test"]["test/accuracy"])
+    assert run.data.metrics["adapter_parameters"] == 264
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "adapter")} >= {"adapter/adapter_model.safetensors"}
+    # the saved adapter restores onto a fresh base model; the merged model gives the same logits
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    restored = CraftModel.from_pretrained(base, tmp / "run" / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp / "run" / "merged").eval()
+    ids = torch.tensor([[2, 5, 6, 11, 3]])
+    with torch.no_grad():
+        assert torch.allclose(restored(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+
+
+def test_resume_writes_into_the_same_mlflow_run(run_setup):
+    path, config, tmp = run_setup
+    assert main(["train", str(path), "--max-steps", "6"]) == 0
+    assert main(["train", str(path), "--max-steps", "6", "--resume"]) == 0
+    client = MlflowClient(config["tracking"]["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_flags_override_the_config(run_setup, capsys):
+    path, _, tmp = run_setup
+    args = ["train", str(path), "--method", "lora", "--no-tracking", "--set", "lora.r=2", "--output-dir", str(tmp / "lora")]
+    assert main(args) == 0
+    assert "lora on csv:" in capsys.readouterr().out
+    assert json.loads((tmp / "lora" / "metrics.json").read_text())["method"] == "lora"
+    assert not (tmp / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_train_logs_to_a_tracking_server(run_setup, mlflow_server):
+    path, _, _ = run_setup
+    assert main(["train", str(path), "--tracking-uri", mlflow_server, "--max-steps", "3"]) == 0
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
+    assert run.data.metrics["adapter_parameters"] == 264
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {"adapter", "config.yaml", "metrics.json"}
+
+
+def _bad(tmp, name, text):
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("unknown_task", "task"),
+        ("unknown_method", "unknown method 'foo'"),
+        ("missing_column", "nope"),
+        ("empty_split", "empty"),
+        ("label_outside", "'maybe'"),
+        ("unknown_key", "unknown key(s) ['colour']"),
+        ("malformed_yaml", "not valid YAML"),
+        ("unreachable_server", "unreachable"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero_exit(case, words, run_setup, capsys):
+    path, config, tmp = run_setup
+    args = ["train", str(path)]
+    if case == "unknown_task":
+        args += ["--task", "nope"]
+    elif case == "unknown_method":
+        args += ["--method", "foo"]
+    elif case == "missing_column":
+        args += ["--set", "data.label_column=nope"]
+    elif case == "empty_split":
+        write_csv(tmp / "empty.csv", [])
+        args += ["--task", f"csv:{tmp / 'empty.csv'}"]
+    elif case == "label_outside":
+        (tmp / "split").mkdir()
+        write_csv(tmp / "split" / "train.csv", sentiment_rows(40, seed=2))
+        write_csv(tmp / "split" / "validation.csv", [("good movie", "maybe")])
+        args += ["--task", f"csv:{tmp / 'split'}"]
+    elif case == "unknown_key":
+        args += ["--set", "colour=blue"]
+    elif case == "malformed_yaml":
+        args = ["train", str(_bad(tmp, "bad.yaml", "model: [unclosed\n"))]
+    elif case == "unreachable_server":
+        args += ["--tracking-uri", "http://127.0.0.1:9"]
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("craft-search: error:"), err
+    assert words in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
