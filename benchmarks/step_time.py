@@ -38,7 +38,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import random
 import resource
 import shlex
@@ -51,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import device_name, emit, log  # benchmarks/common.py, beside this script
 from torch import nn
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
@@ -314,24 +314,6 @@ def time_hosvd(size: Size, seed: int, device: torch.device) -> float:
 # --------------------------------------------------------------------------- reporting
 
 
-def log(message: str) -> None:
-    """Progress on stderr, so stdout holds the report alone."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu ({line.split(':', 1)[1].strip()}, {os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"cpu ({platform.processor() or 'unknown'}, {os.cpu_count()} cores)"
-
-
 def header(args: argparse.Namespace, size: Size, device: torch.device, head_params: int) -> str:
     """Date, versions, device, threads, shapes, dropout and the exact command line."""
     import transformers
@@ -500,11 +482,7 @@ def main(argv: list[str] | None = None) -> None:
 
     times = run_rounds(variants, batch, args.rounds, args.seed, device, args.bf16)
     report = "\n\n".join([header(args, size, device, head_params), table(variants, times, memory), ratio_lines(times, hosvd_s)])
-    print(report)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        with args.output.open("a") as handle:
-            handle.write(report + "\n\n")
+    emit(report, args.output)
 
 
 if __name__ == "__main__":
