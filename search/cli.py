@@ -51,6 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
     )
     t.set_defaults(func=_train)
+
+    w = sub.add_parser("sweep", help="search CRAFT (and baseline) configs on Ray Tune with Optuna and ASHA, tracked in MLflow")
+    w.add_argument("spec", help="sweep spec YAML, or a shipped preset: smoke, demo, glue-roberta-base")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, e.g. --set search.max_concurrent_trials=4 (repeatable)")  # fmt: skip
+    w.add_argument("--address", help="Ray cluster to run on (HOST:PORT or ray://HOST:PORT; default: start Ray here)")
+    w.add_argument("--num-samples", type=int, help="trials in all (sets search.num_samples)")
+    w.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, else ./mlflow.db)")
+    w.add_argument("--storage", help="where Ray Tune keeps the sweep (local path, s3://, gs://; default: ./runs/sweeps)")
+    w.add_argument("--name", help="the sweep's name (default: the spec's name, else the file's stem)")
+    w.add_argument("--cache-dir", help="on-disk HOSVD factor cache (default: ~/.cache/craft-search/factors)")
+    w.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name in --storage")
+    w.add_argument(
+        "--smoke-test", action="store_true", help="a few short trials on little data: checks a spec end to end in minutes"
+    )
+    w.add_argument("--top", type=int, default=5, help="best trials shown at the end (default 5)")
+    w.set_defaults(func=_sweep)
     return parser
 
 
@@ -106,8 +123,87 @@ def format_job(tracked) -> str:
     return "\n".join(lines)
 
 
+SMOKE_OVERRIDES = [
+    "data.max_train_samples=256",
+    "data.max_eval_samples=128",
+    "train.eval_every=4",
+    "search.max_budget=12",
+    "search.grace_period=4",
+]
+
+
+def _sweep_spec(args: argparse.Namespace):
+    from pathlib import Path
+
+    from spaces import preset_path
+
+    from .spec import load_sweep_spec
+
+    path = Path(args.spec)
+    if not path.is_file() and path.suffix == "" and path.parent == Path("."):
+        path = preset_path(f"{args.spec}.yaml")  # a preset name
+    overrides = list(args.overrides)
+    if args.num_samples is not None:
+        overrides.append(f"search.num_samples={args.num_samples}")
+    if args.smoke_test:
+        overrides += SMOKE_OVERRIDES + ["train.max_steps=null"]
+    spec = load_sweep_spec(path, overrides, name=args.name)
+    if args.smoke_test:
+        spec.search.num_samples = min(spec.search.num_samples, 4)
+        if args.name is None:
+            spec.name += "-smoke"  # never mixes with the real sweep's results
+    return spec
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import optuna
+
+    from .sweep import run_sweep
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created"
+
+    spec = _sweep_spec(args)
+    print(f"sweep {spec.name}: {spec.search.num_samples} trials of {spec.budget} steps, "
+          f"{spec.search.max_concurrent_trials} at a time, methods {', '.join(spec.methods)}", flush=True)  # fmt: skip
+    result = run_sweep(
+        spec,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        storage=args.storage,
+        resume=args.resume,
+        cache_dir=args.cache_dir,
+    )
+    print(format_sweep(result, args.top))
+    return 0 if result.count("complete") else 1
+
+
+def format_sweep(result, top: int = 5) -> str:
+    """The end-of-sweep report: best trials, counts, where the results are."""
+    from .callbacks import describe_config
+    from .sweep import STUDY_FILE, SUMMARY_FILE
+
+    lines = ["", f"best trials of {result.name} (final validation score; adapter parameters exclude the head):"]
+    best = result.best(top)
+    if best:
+        lines.append(f"  {'#':>2}  {'trial':<10} {'score':>7} {'params':>10}  config")
+        for i, t in enumerate(best, 1):
+            lines.append(
+                f"  {i:>2}  {t.trial_id:<10} {t.score:>7.4f} {t.adapter_parameters or 0:>10,}  {describe_config(t.config)}"
+            )
+    else:
+        lines.append("  none completed its budget")
+    counts = ", ".join(f"{result.count(o)} {o}" for o in ("complete", "pruned", "failed"))
+    lines.append(f"trials: {len(result.trials)} of {result.requested} ({counts}) in {result.wall_s:.0f} s")
+    lines.append(f"HOSVD decompositions: {result.cache['decompositions']} (factors read from disk: {result.cache['disk_loads']})")
+    lines.append(f"results: {result.path} ({SUMMARY_FILE}, {STUDY_FILE})")
+    lines.append(f"MLflow: parent run {result.parent_run_id} in experiment {result.experiment!r} at {result.tracking_uri}")
+    if len(result.trials) < result.requested:
+        lines.append("interrupted: run the same command with --resume to finish it")
+    return "\n".join(lines)
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    from craft.hub import load_model, resolve_model
+    from craft.hub import DEMO_MODEL, load_model, resolve_model
     from craft.inspection import format_report, inspect_model
 
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -116,7 +212,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         source = resolve_model(args.model)
-        print(format_report(report, f"demo = {source}" if source != args.model else source))
+        print(format_report(report, f"{args.model} = {source}" if args.model == DEMO_MODEL else args.model))
     return 0
 
 
@@ -128,7 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # one line per result, not a bar per weight file
     hf_logging.set_verbosity_error()  # e.g. "newly initialized classifier": expected, the head is trained
+    if args.command in ("train", "sweep"):
+        import mlflow  # noqa: F401  (it sets its loggers' levels on import: quiet them after)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables"
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)  # our own lines report the trials
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)  # resume: trials with no result yet
     import datasets
 
     datasets.disable_progress_bars()  # reading and tokenising data: a bar per split is noise

@@ -1,0 +1,24 @@
+"""Names of the metrics a trial reports, defined once for the trainable, searcher, scheduler and trackers."""
+
+__all__ = [
+    "SCORE",
+    "FINAL_SCORE",
+    "ADAPTER_PARAMETERS",
+    "STEP",
+    "ELAPSED",
+    "NODE_ID",
+    "TRIAL_ID_TAG",
+    "OUTCOME_TAG",
+    "PRUNED_TAG",
+]
+
+SCORE = "score"  # the first evaluation split's score at this evaluation (ASHA's metric)
+FINAL_SCORE = "final_score"  # the score at the end of the full budget: only in a completed trial's last report
+ADAPTER_PARAMETERS = "adapter_parameters"  # trainable parameters outside the head (minimised)
+STEP = "step"  # optimiser steps done (ASHA's time attribute)
+ELAPSED = "elapsed_s"  # seconds of training so far
+NODE_ID = "node_id"  # the Ray node the trial ran on
+
+TRIAL_ID_TAG = "craft.trial_id"  # MLflow tag: the Ray Tune trial of a child run
+OUTCOME_TAG = "craft.outcome"  # MLflow tag: complete, pruned or failed
+PRUNED_TAG = "craft.pruned"  # MLflow tag: true when ASHA stopped the trial

@@ -1,0 +1,359 @@
+"""Sweep specs: a run config whose values may be search domains, plus ``search`` and ``resources``.
+
+::
+
+    name: demo                      # the sweep's name (default: the file's stem)
+    model: demo
+    task: tweets
+    method: {choice: [craft, lora]}
+    craft: {rank_layers: {int: [1, 6]}, rank_out: {int: [8, 128], log: true}, rank_in: 64}
+    lora: {r: {choice: [4, 8, 16]}}
+    train: {lr: {float: [1.0e-4, 1.0e-2], log: true}, eval_every: 25}
+    search: {num_samples: 12, max_concurrent_trials: 2, max_budget: 100, grace_period: 25}
+    resources: {cpu: 1, gpu: 0}
+
+Everything is checked here without Ray: keys, domains, and every domain's ends against the run
+config's own validation. :func:`check_against_model` adds what needs the model's shapes (ranks
+within the axis lengths, the parameter budget) and says what the factor cache must hold.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from craft.budget import module_shapes
+from craft.factors import check_ranks
+from craft.runconfig import METHODS, RunConfig, apply_overrides
+from craft.targets import find_targets
+
+from .space import METHOD_KEY, RANK_KEYS, Domain, SpaceSampler, TargetCost, find_domains
+
+__all__ = ["SearchBlock", "ResourcesBlock", "SweepSpec", "FactorRequest", "ModelFacts", "load_sweep_spec", "check_against_model"]
+
+SCHEDULERS = ("asha", "fifo")
+SAMPLERS = ("tpe", "random", "nsga2")
+
+
+def _check_fields(cls: type, data: Any, where: str) -> dict:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys are {sorted(known)}")
+    return data
+
+
+def _int_at_least(value: Any, low: int, where: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{where} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class SearchBlock:
+    """How a sweep searches: trials, concurrency, early stopping, budget."""
+
+    num_samples: int = 8  # trials in all
+    max_concurrent_trials: int = 2  # trials running at once
+    scheduler: str = "asha"  # asha (early stopping on the eval score) or fifo (every trial runs its budget)
+    grace_period: int | None = None  # optimiser steps before ASHA may stop a trial (default: train.eval_every)
+    reduction_factor: int = 2  # ASHA keeps 1 / reduction_factor of the trials at each rung
+    max_budget: int | None = None  # optimiser steps of a full trial (sets train.max_steps)
+    seed: int = 0  # the sampler's seed
+    sampler: str = "tpe"  # tpe, random or nsga2 (Optuna, multi-objective)
+    max_adapter_params: int | None = None  # no trial's adapter exceeds this
+    max_failures: int = 2  # retries of a failed trial from its last checkpoint (a lost node)
+    points_to_evaluate: list[dict] | None = None  # configs tried first, by dotted key
+    storage: str | None = None  # where Ray Tune keeps results (default: ./runs/sweeps)
+    factor_cache: str | None = None  # directory of cached HOSVD factors (default: ~/.cache/craft-search/factors)
+
+    def __post_init__(self) -> None:
+        _int_at_least(self.num_samples, 1, "search.num_samples")
+        _int_at_least(self.max_concurrent_trials, 1, "search.max_concurrent_trials")
+        _int_at_least(self.grace_period, 1, "search.grace_period", allow_none=True)
+        _int_at_least(self.reduction_factor, 2, "search.reduction_factor")
+        _int_at_least(self.max_budget, 1, "search.max_budget", allow_none=True)
+        _int_at_least(self.max_adapter_params, 0, "search.max_adapter_params", allow_none=True)
+        _int_at_least(self.max_failures, 0, "search.max_failures")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"search.seed must be an integer, got {self.seed!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"search.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"search.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.points_to_evaluate is not None and not (
+            isinstance(self.points_to_evaluate, list) and all(isinstance(p, dict) for p in self.points_to_evaluate)
+        ):
+            raise ValueError("search.points_to_evaluate must be a list of {dotted.key: value} mappings")
+
+
+@dataclass
+class ResourcesBlock:
+    """What one trial asks of the cluster (fractional GPUs share a device)."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("cpu", "gpu"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"resources.{name} must be a number >= 0, got {value!r}")
+        if self.cpu <= 0:
+            raise ValueError("resources.cpu must be positive (a trial needs a CPU to run its loop)")
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise ValueError(f"resources.gpu above 1 must be a whole number of GPUs, got {self.gpu}")
+
+    def to_ray(self) -> dict[str, float]:
+        return {"cpu": self.cpu, "gpu": self.gpu}
+
+
+def _get(data: dict, path: str) -> Any:
+    node: Any = data
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(data: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep spec.
+
+    Attributes:
+        name: the sweep's name (its Ray Tune experiment and MLflow parent run).
+        base: the run-config part as plain data, domains in place.
+        domains: dotted path -> :class:`~search.space.Domain`.
+        search: the :class:`SearchBlock`.
+        resources: the :class:`ResourcesBlock` of one trial.
+        path: the YAML file it came from.
+    """
+
+    name: str
+    base: dict[str, Any]
+    domains: dict[str, Domain]
+    search: SearchBlock = field(default_factory=SearchBlock)
+    resources: ResourcesBlock = field(default_factory=ResourcesBlock)
+    path: Path | None = None
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods a trial may get, in the spec's order."""
+        domain = self.domains.get(METHOD_KEY)
+        return list(domain.values) if domain else [self.base.get(METHOD_KEY, "craft")]
+
+    @property
+    def budget(self) -> int:
+        """Optimiser steps of a full trial."""
+        return self.search.max_budget
+
+    def fixed_values(self) -> dict[str, Any]:
+        """The method and the rank keys the spec fixes (the sampler prices them under a budget)."""
+        fixed = {METHOD_KEY: self.base.get(METHOD_KEY, "craft")} if METHOD_KEY not in self.domains else {}
+        for keys in RANK_KEYS.values():
+            for key in keys:
+                value = _get(self.base, key)
+                if key not in self.domains and value is not None:
+                    fixed[key] = value
+        return fixed
+
+    def sampler(self, costs: dict[str, TargetCost] | None = None) -> SpaceSampler:
+        """The define-by-run space for Optuna (``costs`` from :func:`check_against_model`)."""
+        return SpaceSampler(dict(self.domains), self.fixed_values(), dict(costs or {}), self.search.max_adapter_params)
+
+    def run_data(self, values: dict[str, Any], output_dir: str | None = None) -> dict[str, Any]:
+        """The run config of one trial as plain data: domains set to ``values``, other methods' blocks dropped."""
+        data = copy.deepcopy(self.base)
+        for path, value in values.items():
+            _set(data, path, value)
+        method = data.get(METHOD_KEY, "craft")
+        for other in METHODS:
+            if other != method:
+                data.pop(other, None)
+        _set(data, "train.max_steps", self.budget)
+        if output_dir is not None:
+            data["output_dir"] = output_dir
+        return data
+
+    def run_config(self, values: dict[str, Any], output_dir: str | None = None) -> RunConfig:
+        """The validated :class:`~craft.runconfig.RunConfig` of one trial."""
+        return RunConfig.from_dict(self.run_data(values, output_dir))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data (loadable again)."""
+        return {"name": self.name, **copy.deepcopy(self.base), "search": asdict(self.search), "resources": asdict(self.resources)}
+
+    def _probe(self) -> None:
+        # Every domain's ends (or choices) through the run config's own validation, per method.
+        for method in self.methods:
+            first = {p: d.candidates()[0] for p, d in self.domains.items()}
+            first[METHOD_KEY] = method
+            probes = [first] + [{**first, p: c} for p, d in self.domains.items() if p != METHOD_KEY for c in d.candidates()[1:]]
+            for values in probes:
+                self.run_config(values)
+
+
+_SWEEP_KEYS = {"name", "search", "resources"}
+
+
+def load_sweep_spec(path: str | Path, overrides: list[str] | None = None, name: str | None = None) -> SweepSpec:
+    """Read and validate a sweep spec YAML (``overrides`` as ``dotted.key=value``).
+
+    Raises:
+        ValueError: a missing file, malformed YAML, an unknown key, a malformed domain, or a
+            value (at any domain end) that the run config rejects; in one line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no sweep spec at {path}; pass the path of a sweep spec YAML (see spaces/ for presets)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise ValueError(f"{path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of keys (model, task, method, ..., search, resources)")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return _build(data, path, name)
+    except ValueError as err:
+        raise ValueError(f"sweep spec {path.name}: {err}") from None
+
+
+def _build(data: dict, path: Path | None, name: str | None) -> SweepSpec:
+    known = {f.name for f in fields(RunConfig)} | _SWEEP_KEYS
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; valid keys are {sorted(known)}")
+    search = SearchBlock(**_check_fields(SearchBlock, data.get("search") or {}, "the search block"))
+    resources = ResourcesBlock(**_check_fields(ResourcesBlock, data.get("resources") or {}, "the resources block"))
+    base = {k: v for k, v in data.items() if k not in _SWEEP_KEYS}
+    domains = find_domains(base)
+    for path_key in ("model", "task", "output_dir", "train.max_steps", "train.eval_every", "tracking.uri", "tracking.experiment"):
+        if path_key in domains:
+            raise ValueError(f"{path_key} cannot be searched in a sweep; fix its value")
+    for block in ("data", "provenance"):
+        if any(p.startswith(block + ".") for p in domains):
+            raise ValueError(f"the {block} block cannot hold search domains; fix its values")
+    fixed_steps = _get(base, "train.max_steps")
+    if search.max_budget is None:
+        if fixed_steps is None:
+            raise ValueError("set search.max_budget: the optimiser steps of a full trial (ASHA's max budget)")
+        search.max_budget = fixed_steps
+    elif fixed_steps is not None and fixed_steps != search.max_budget:
+        raise ValueError(f"train.max_steps={fixed_steps} differs from search.max_budget={search.max_budget}; set only one")
+    eval_every = _get(base, "train.eval_every") or 100
+    if search.grace_period is None:
+        search.grace_period = min(eval_every, search.max_budget)
+    if search.grace_period > search.max_budget:
+        raise ValueError(f"search.grace_period={search.grace_period} exceeds search.max_budget={search.max_budget}")
+    methods = domains[METHOD_KEY].values if METHOD_KEY in domains else (base.get(METHOD_KEY, "craft"),)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    spec = SweepSpec(
+        name=str(name or data.get("name") or (path.stem if path else "sweep")),
+        base=base,
+        domains=domains,
+        search=search,
+        resources=resources,
+        path=path,
+    )
+    if not spec.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"sweep name {spec.name!r} may hold only letters, digits, '-', '_' and '.'")
+    spec._probe()
+    for point in search.points_to_evaluate or []:
+        unknown = sorted(set(point) - set(domains))
+        if unknown:
+            raise ValueError(f"search.points_to_evaluate names {unknown}, which are not search domains {sorted(domains)}")
+    return spec
+
+
+@dataclass(frozen=True)
+class FactorRequest:
+    """One HOSVD the factor cache must hold: CRAFT targets (None: detected) at the sweep's largest ranks."""
+
+    targets: tuple[str, ...] | None
+    max_ranks: tuple[int, int, int]
+
+
+@dataclass
+class ModelFacts:
+    """What a spec needs to know of its model: prices per method and the factors to cache."""
+
+    costs: dict[str, TargetCost]
+    factor_requests: list[FactorRequest]
+
+
+def _candidates(spec: SweepSpec, path: str, default: Any = None) -> list:
+    if path in spec.domains:
+        return spec.domains[path].candidates()
+    value = _get(spec.base, path)
+    return [default if value is None else value]
+
+
+def check_against_model(spec: SweepSpec, model: Any) -> ModelFacts:
+    """Check the spec against the base model's shapes; say what to cache and how to price trials.
+
+    Raises:
+        ValueError: no targets found, a rank above an axis length, or a parameter budget that no
+            configuration of a method fits, in one line.
+    """
+    costs: dict[str, TargetCost] = {}
+    requests: list[FactorRequest] = []
+    budget = spec.search.max_adapter_params
+    for method in spec.methods:
+        if method == "head":
+            costs[method] = TargetCost(0, 0, 0, 0)
+            continue
+        target_sets = _candidates(spec, f"{method}.target_modules")
+        if budget is not None and len(target_sets) > 1:
+            raise ValueError(f"with search.max_adapter_params, fix {method}.target_modules (a budget prices one set)")
+        for targets in target_sets:
+            stacks = find_targets(model, targets)
+            shapes = module_shapes(model, stacks)
+            costs[method] = TargetCost(len(stacks), sum(i + o for i, o in shapes), len(shapes), sum(o for _, o in shapes))
+            if method == "craft":
+                highs = tuple(max(_candidates(spec, k)) for k in RANK_KEYS["craft"])
+                try:
+                    check_ranks(stacks, highs)
+                except ValueError as err:
+                    raise ValueError(f"the rank domains reach {highs}: {err}") from None
+                requests.append(FactorRequest(tuple(targets) if targets else None, highs))
+        if budget is not None:
+            ranks = RANK_KEYS.get(method, ())
+            if any(spec.domains.get(k) is not None and spec.domains[k].kind == "choice" for k in ranks):
+                raise ValueError(
+                    f"with search.max_adapter_params, give {method} ranks as int domains (a budget bounds their high end)"
+                )
+            lowest = costs[method].price(method, {k: min(_candidates(spec, k, _default_rank(k))) for k in ranks})
+            if lowest > budget:
+                raise ValueError(
+                    f"search.max_adapter_params={budget:,} is below the smallest {method} adapter "
+                    f"({lowest:,} parameters at its lowest ranks); raise the budget or lower the ranks"
+                )
+    return ModelFacts(costs, requests)
+
+
+def _default_rank(key: str) -> int:
+    from craft.runconfig import LoraBlock, PissaBlock, VeraBlock
+
+    defaults = {"lora.r": LoraBlock.r, "pissa.r": PissaBlock.r, "vera.r": VeraBlock.r}
+    return defaults.get(key, 1)
