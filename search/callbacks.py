@@ -56,7 +56,7 @@ def describe_config(config: dict[str, Any]) -> str:
         if key == "method" or (method == "craft" and key in {f"craft.{k}" for k in ("rank_layers", "rank_out", "rank_in")}):
             continue
         short = key.split(".", 1)[-1]
-        rest.append(f"{short}={value:.2e}" if isinstance(value, float) else f"{short}={value}")
+        rest.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
     return " ".join([head, *rest]).strip()
 
 

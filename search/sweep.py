@@ -90,7 +90,10 @@ def _load_checked(spec: SweepSpec):
     run = spec.run_config({p: d.candidates()[0] for p, d in spec.domains.items()})
     task = load_task(run.task, run.data, seed=run.train.seed)  # unknown task, missing column, empty split: here
     model = load_model(run.model, num_labels=task.spec.num_labels, label_names=task.spec.label_names)
-    return model, check_against_model(spec, model)
+    try:
+        return model, check_against_model(spec, model)
+    except ValueError as err:
+        raise ValueError(f"sweep spec {spec.path.name if spec.path else spec.name}: {err}") from None
 
 
 def _init_ray(address: str | None) -> None:

@@ -128,3 +128,22 @@ def test_check_ranks(tiny):
     check_ranks(stacks, (3, 32, 32))
     with pytest.raises(ValueError, match=r"rank_in=33.*choose rank_in <= 32"):
         check_ranks(stacks, (3, 32, 33))
+
+
+def test_numpy_round_trip_shares_memory_and_keeps_values(tiny):
+    import numpy as np
+
+    model, _ = tiny.build("llama")
+    factors = compute_factors(model, None, (2, 8, 8))
+    arrays, meta = factors.to_numpy()
+    assert all(isinstance(a, np.ndarray) for a in arrays.values())
+    for a in arrays.values():
+        a.setflags(write=False)  # as the Ray object store hands them out
+    again = Factors.from_numpy(arrays, meta)
+    assert again.fingerprint == factors.fingerprint and again.max_ranks == factors.max_ranks
+    assert [s.shape for s in again.stacks] == [s.shape for s in factors.stacks]
+    for name in factors.target_names:
+        a, b = factors.sliced(name, (1, 4, 4)), again.sliced(name, (1, 4, 4))
+        assert torch.equal(a.core, b.core) and all(torch.equal(x, y) for x, y in zip(a.factors, b.factors))
+    name = factors.target_names[0]
+    assert np.shares_memory(again.tuckers[name].core.numpy(), arrays[f"{name}/core"])  # no copy out of the store

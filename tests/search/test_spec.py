@@ -1,0 +1,177 @@
+"""Sweep specs: domains, validation in one line before Ray starts, the budget-bounded space."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+
+from craft.hub import TINY_MODEL, load_model
+from search.cli import main
+from search.space import Domain, parse_domain
+from search.spec import check_against_model, load_sweep_spec
+from spaces import preset_path
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+BASE = {
+    "model": TINY_MODEL,
+    "task": "tweets",
+    "method": {"choice": ["craft", "lora"]},
+    "craft": {"rank_layers": {"int": [1, 4]}, "rank_out": {"int": [2, 32], "log": True}, "rank_in": 16},
+    "lora": {"r": {"int": [1, 8]}},
+    "train": {"lr": {"float": [1.0e-4, 1.0e-2], "log": True}, "eval_every": 4},
+    "search": {"num_samples": 4, "max_budget": 8},
+}
+
+
+def _write(tmp_path, data, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _with(**changes):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("preset", ["smoke", "demo", "glue-roberta-base"])
+def test_presets_load(preset):
+    spec = load_sweep_spec(preset_path(f"{preset}.yaml"))
+    assert spec.name == preset and spec.search.num_samples >= 6 and "craft" in spec.methods
+    assert any(k.startswith("craft.rank") for k in spec.domains)
+
+
+def test_domains_parse_and_trial_config_drops_other_methods(tmp_path):
+    spec = load_sweep_spec(_write(tmp_path, BASE))
+    assert spec.domains["craft.rank_out"] == Domain("int", (2, 32), True)
+    assert spec.domains["train.lr"] == Domain("float", (1e-4, 1e-2), True)
+    run = spec.run_config({"method": "lora", "lora.r": 3, "train.lr": 1e-3}, "out")
+    assert run.method == "lora" and run.lora.r == 3 and run.craft is None and run.train.max_steps == 8
+    run = spec.run_config({"method": "craft", "craft.rank_layers": 2, "craft.rank_out": 5, "train.lr": 1e-3})
+    assert run.craft.ranks == (2, 5, 16) and run.lora is None and run.train.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"int": [4]}, "int needs [lo, hi]"),
+        ({"int": [8, 4]}, "low end 8 is above the high end 4"),
+        ({"float": [0.0, 1.0], "log": True}, "log-scale domain needs a positive low end"),
+        ({"choice": []}, "non-empty list"),
+        ({"int": [1, 4], "step": 2}, "unknown key ['step']"),
+        ({"int": [1, 4], "float": [1.0, 2.0]}, "one kind only"),
+        ({"int": [1.5, 4]}, "two integers"),
+    ],
+)
+def test_malformed_domains_say_how_to_write_them(raw, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_domain("craft.rank_out", raw)
+
+
+def test_plain_blocks_are_not_domains():
+    assert parse_domain("craft", {"rank_out": 4}) is None and parse_domain("train.lr", 0.1) is None
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"colour": "blue"}, "unknown key(s) ['colour']"),
+        ({"search__patience": 3}, "unknown key(s) ['patience'] in the search block"),
+        ({"craft__rank_in": {"int": [0, 4]}}, "rank"),  # a domain end the run config rejects
+        ({"train__lr": {"float": [-1.0, 1.0]}}, "train.lr must be a positive number"),
+        ({"method": {"choice": ["craft", "dora"]}}, "unknown method(s) ['dora']"),
+        ({"search__max_budget": None}, "set search.max_budget"),
+        ({"train__max_steps": 10}, "differs from search.max_budget=8"),
+        ({"model": {"choice": ["a", "b"]}}, "model cannot be searched"),
+        ({"search__grace_period": 20}, "exceeds search.max_budget"),
+        ({"resources": {"gpu": -1}}, "resources.gpu must be a number >= 0"),
+        ({"search__points_to_evaluate": [{"train.head_lr": 0.1}]}, "not search domains"),
+    ],
+)
+def test_invalid_specs_fail_in_one_line(tmp_path, changes, message):
+    path = _write(tmp_path, _with(**changes))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        load_sweep_spec(path)
+
+
+def test_ranks_above_the_model_axis_are_refused():
+    spec = load_sweep_spec(preset_path("smoke.yaml"), ["craft.rank_out={int: [2, 64]}"])
+    model = load_model(TINY_MODEL, num_labels=3)  # 32 wide
+    with pytest.raises(ValueError, match="rank_out=64 exceeds the out axis"):
+        check_against_model(spec, model)
+
+
+def test_budget_below_every_config_is_refused(tmp_path):
+    spec = load_sweep_spec(_write(tmp_path, _with(search__max_adapter_params=100)))
+    with pytest.raises(ValueError, match="below the smallest craft adapter"):
+        check_against_model(spec, load_model(TINY_MODEL, num_labels=3))
+
+
+def test_budget_needs_int_rank_domains(tmp_path):
+    spec = load_sweep_spec(_write(tmp_path, _with(craft__rank_out={"choice": [2, 4]}, search__max_adapter_params=5000)))
+    with pytest.raises(ValueError, match="give craft ranks as int domains"):
+        check_against_model(spec, load_model(TINY_MODEL, num_labels=3))
+
+
+def test_sampled_trials_stay_within_the_budget_and_axes(tmp_path):
+    budget = 1200  # craft: 2 * (l^2 + o^2 + 16^2) <= 1200 allows o <= 17; lora: r * 8 modules * (32 + 32) allows r <= 2
+    spec = load_sweep_spec(_write(tmp_path, _with(search__max_adapter_params=budget)))
+    model = load_model(TINY_MODEL, num_labels=3)
+    facts = check_against_model(spec, model)
+    space = spec.sampler(facts.costs)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {"craft": [], "lora": []}
+    for _ in range(60):
+        trial = study.ask()
+        values = space(trial)
+        run = spec.run_config(values)
+        block = run.craft if run.method == "craft" else run.method_block()
+        from craft.budget import method_parameters
+
+        params = method_parameters(run.method, block, model)
+        assert params <= budget
+        assert facts.costs[run.method].price(run.method, values | {"craft.rank_in": 16}) == params
+        seen[run.method].append(values.get("craft.rank_out", values.get("lora.r")))
+        study.tell(trial, [0.5, params])
+    assert max(seen["craft"]) == 17 and max(seen["lora"]) == 2  # the bound is reached, never passed
+    assert min(seen["craft"]) == 2 and min(seen["lora"]) == 1
+
+
+def test_factor_requests_take_the_largest_ranks_of_the_space():
+    spec = load_sweep_spec(preset_path("smoke.yaml"))
+    facts = check_against_model(spec, load_model(TINY_MODEL, num_labels=3))
+    assert [r.max_ranks for r in facts.factor_requests] == [(4, 32, 32)]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"craft__rank_out": {"int": [2, 64]}}, "exceeds the out axis"),
+        ({"sched": 1}, "unknown key(s) ['sched']"),
+        ({"train__lr": {"float": [1.0e-3]}}, "float needs [lo, hi]"),
+    ],
+)
+def test_cli_refuses_bad_specs_before_ray_starts(tmp_path, capsys, changes, message):
+    import ray
+
+    assert not ray.is_initialized()
+    code = main(["sweep", str(_write(tmp_path, _with(**changes))), "--storage", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err and err.startswith("craft-search: error: sweep spec")
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+
+def test_cli_refuses_a_missing_spec_and_unknown_preset(capsys):
+    assert main(["sweep", "no-such-preset"]) == 2
+    assert "no preset 'no-such-preset.yaml'" in capsys.readouterr().err

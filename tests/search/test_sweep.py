@@ -1,0 +1,164 @@
+"""Sweeps end to end on real Ray, real Optuna and a real MLflow server on 127.0.0.1.
+
+One Ray instance serves the module; every sweep runs the smoke preset (a tiny random BERT on
+tweets) or a variant of it. A driver killed mid-sweep is a real CLI process joined to this
+module's Ray instance with --address, killed with SIGKILL, then resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import optuna
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from search.names import ADAPTER_PARAMETERS, FINAL_SCORE, OUTCOME_TAG, PRUNED_TAG, SCORE, TRIAL_ID_TAG
+from search.searcher import STUDY_NAME
+from search.spec import load_sweep_spec
+from search.sweep import STUDY_FILE, SUMMARY_FILE, run_sweep
+from spaces import preset_path
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore:Fixed parameter:UserWarning"),
+]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """This module's Ray instance: 2 CPUs, no dashboard; its GCS address for other drivers."""
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("factor-cache")
+
+
+def _smoke(name: str, overrides: list[str] | None = None):
+    return load_sweep_spec(preset_path("smoke.yaml"), overrides or [], name=name)
+
+
+@pytest.fixture(scope="module")
+def smoke(ray_address, mlflow_server, cache_dir, tmp_path_factory):
+    """The smoke preset as shipped (6 trials, 2 at a time, ASHA), tracked on the MLflow server."""
+    storage = tmp_path_factory.mktemp("sweeps")
+    return run_sweep(_smoke("smoke"), tracking_uri=mlflow_server, storage=str(storage), cache_dir=cache_dir, progress=False)
+
+
+def test_smoke_sweep_runs_every_trial(smoke):
+    assert len(smoke.trials) == 6 and smoke.requested == 6
+    assert {t.outcome for t in smoke.trials} <= {"complete", "pruned"} and smoke.count("complete") >= 1
+    for t in smoke.trials:
+        assert t.adapter_parameters > 0 and t.score is not None and 0 <= t.score <= 1
+        if t.outcome == "complete":
+            assert t.step == 32 and t.metrics[FINAL_SCORE] == t.score and "test/accuracy" in t.metrics
+        else:
+            assert t.step < 32 and FINAL_SCORE not in t.metrics
+    with open(f"{smoke.path}/{SUMMARY_FILE}") as handle:
+        summary = json.load(handle)
+    assert summary["counts"] == {"complete": smoke.count("complete"), "pruned": smoke.count("pruned"), "failed": 0}
+
+
+def test_asha_stops_trials_and_optuna_records_them_as_pruned(smoke):
+    assert smoke.count("pruned") >= 1
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{smoke.path}/{STUDY_FILE}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("PRUNED") == smoke.count("pruned") and states.count("COMPLETE") == smoke.count("complete")
+    assert "RUNNING" not in states
+    told = sorted(tuple(t.values) for t in study.trials if t.state.name == "COMPLETE")
+    ours = sorted((t.score, float(t.adapter_parameters)) for t in smoke.trials if t.outcome == "complete")
+    assert told == ours  # the final score and the size, never a half-trained score
+
+
+def test_trials_run_two_at_a_time(smoke):
+    spans = sorted((t.metrics["started_at"], t.metrics["timestamp"]) for t in smoke.trials)
+    overlaps = sum(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert overlaps >= 1
+
+
+def test_mlflow_holds_a_parent_and_a_child_per_trial(smoke, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("craft-smoke")
+    parent = client.get_run(smoke.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["craft.sweep"] == "smoke"
+    tags = parent.data.tags
+    assert tags["craft.decompositions"] == "1" and tags["craft.trials"] == "6"
+    assert tags["craft.pruned"] == str(smoke.count("pruned")) and tags["craft.best_trial"] == smoke.best(1)[0].trial_id
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{smoke.parent_run_id}'")
+    by_trial = {r.data.tags[TRIAL_ID_TAG]: r for r in children}
+    assert len(children) == 6 and set(by_trial) == {t.trial_id for t in smoke.trials}
+    for t in smoke.trials:
+        run = by_trial[t.trial_id]
+        assert run.info.status == "FINISHED" and run.data.tags[OUTCOME_TAG] == t.outcome
+        assert run.data.tags[PRUNED_TAG] == str(t.outcome == "pruned").lower()
+        assert run.data.metrics[ADAPTER_PARAMETERS] == t.adapter_parameters
+        assert run.data.params["method"] == t.config["method"] and float(run.data.params["train.lr"]) == t.config["train.lr"]
+        history = client.get_metric_history(run.info.run_id, SCORE)
+        assert len(history) == t.step // 8 and max(m.step for m in history) == t.step  # one point per evaluation
+
+
+def test_a_second_sweep_on_the_same_model_decomposes_nothing(smoke, mlflow_server, cache_dir, tmp_path):
+    again = run_sweep(
+        _smoke("smoke-again", ["search.num_samples=2", "search.max_budget=8", "method=craft"]),
+        tracking_uri=mlflow_server, storage=str(tmp_path), cache_dir=cache_dir, progress=False,
+    )  # fmt: skip
+    assert again.cache["decompositions"] == 0 and again.cache["disk_loads"] == 1
+    assert sum(again.cache["fetches"].values()) == 2  # each CRAFT trial read the factors from the object store
+    assert MlflowClient(mlflow_server).get_run(again.parent_run_id).data.tags["craft.decompositions"] == "0"
+
+
+def test_a_diverging_trial_fails_alone(ray_address, cache_dir, tmp_path):
+    nan = {"method": "craft", "train.lr": 1.0e30, "train.head_lr": 1.0e-3, "craft.rank_layers": 2}
+    spec = _smoke("nan", ["search.num_samples=3", "search.scheduler=fifo", "search.max_budget=8", "search.max_failures=1"])
+    spec.search.points_to_evaluate = [nan]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the embedded store
+    result = run_sweep(spec, tracking_uri=uri, storage=str(tmp_path / "runs"), cache_dir=cache_dir, progress=False)
+    failed = [t for t in result.trials if t.outcome == "failed"]
+    assert len(result.trials) == 3 and len(failed) == 1 and result.count("complete") == 2
+    assert failed[0].config["train.lr"] == 1.0e30 and "FloatingPointError" in failed[0].error
+    client = MlflowClient(uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("craft-smoke").experiment_id], f"tags.`{TRIAL_ID_TAG}` = '{failed[0].trial_id}'"
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FAILED" and runs[0].data.tags[OUTCOME_TAG] == "failed"
+    assert client.get_run(result.parent_run_id).data.tags["craft.failed"] == "1"
+
+
+def test_a_killed_driver_resumes_without_lost_or_duplicated_trials(ray_address, mlflow_server, cache_dir, tmp_path):
+    command = [
+        sys.executable, "-m", "search.cli", "sweep", "smoke", "--name", "killed", "--address", ray_address,
+        "--storage", str(tmp_path), "--tracking-uri", mlflow_server, "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    finished, seen = 0, []
+    for line in driver.stdout:
+        seen.append(line)
+        if line.startswith("[") and "/6]" in line:
+            finished += 1
+            if finished == 2:
+                os.killpg(driver.pid, signal.SIGKILL)
+                break
+    driver.wait(timeout=60)
+    assert finished == 2, "".join(seen)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "best trials of killed" in resumed.stdout and "trials: 6 of 6" in resumed.stdout
+    summary = json.loads((tmp_path / "killed" / SUMMARY_FILE).read_text())
+    ids = [t["trial_id"] for t in summary["trials"]]
+    assert len(ids) == 6 == len(set(ids)) and summary["counts"]["failed"] == 0
+    client = MlflowClient(mlflow_server)
+    parent_id = summary["parent_run_id"]
+    children = client.search_runs(
+        [client.get_experiment_by_name("craft-smoke").experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
+    assert sorted(r.data.tags[TRIAL_ID_TAG] for r in children) == sorted(ids)  # one run per trial, none twice
+    assert all(r.info.status == "FINISHED" for r in children) and client.get_run(parent_id).info.status == "FINISHED"
