@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from .runconfig import RunConfig
 from .tasks import Task, TaskSpec, load_task
 from .trainer import EvalEvent, TrainResult, evaluate, train
 
-__all__ = ["JobResult", "PreparedJob", "prepare_job", "run_job"]
+__all__ = ["JobResult", "PreparedData", "PreparedJob", "data_key", "prepare_data", "prepare_job", "run_job"]
 
 
 @dataclass
@@ -79,20 +79,51 @@ class PreparedJob:
     seconds: float
 
 
-def prepare_job(run: RunConfig, factors: Factors | None = None) -> PreparedJob:
+@dataclass(frozen=True)
+class PreparedData:
+    """A run's task, tokenizer and tokenized splits: what runs that differ only in method,
+    ranks or learning rates can share (see :func:`data_key`)."""
+
+    task: Task
+    tokenizer: Any
+    tokenized: Any
+
+
+def data_key(run: RunConfig) -> str:
+    """The settings :func:`prepare_data` depends on, as a string: equal keys, equal data."""
+    return json.dumps([run.task, run.model, asdict(run.data), run.train.seed, run.train.max_length], sort_keys=True)
+
+
+def prepare_data(run: RunConfig) -> PreparedData:
+    """Load the task and the tokenizer and tokenize every split.
+
+    Raises:
+        ValueError: unknown task or model, missing column, empty split, bad labels.
+    """
+    task = load_task(run.task, run.data, seed=run.train.seed)
+    tokenizer = load_tokenizer(run.model)
+    return PreparedData(task, tokenizer, tokenize_task(task, tokenizer, run.train.max_length))
+
+
+def prepare_job(run: RunConfig, factors: Factors | None = None, data: PreparedData | None = None) -> PreparedJob:
     """Load the task and the model and apply the method: every input check happens here.
+
+    Args:
+        run: the validated run config.
+        factors: cached HOSVD factors for a CRAFT run.
+        data: the result of :func:`prepare_data` for a run with the same :func:`data_key`
+            (loaded here when None).
 
     Raises:
         ValueError: unknown task or model, missing column, empty split, bad labels or ranks.
     """
     started = time.perf_counter()
-    task = load_task(run.task, run.data, seed=run.train.seed)
-    tokenizer = load_tokenizer(run.model)
+    data = data or prepare_data(run)
     torch.manual_seed(run.train.seed)  # the new head's initialisation is part of the run
-    model = load_model(run.model, num_labels=task.spec.num_labels, label_names=task.spec.label_names)
+    spec = data.task.spec
+    model = load_model(run.model, num_labels=spec.num_labels, label_names=spec.label_names)
     adapted = apply_method(model, run, factors=factors)
-    tokenized = tokenize_task(task, tokenizer, run.train.max_length)
-    return PreparedJob(task, tokenizer, adapted, tokenized, time.perf_counter() - started)
+    return PreparedJob(data.task, data.tokenizer, adapted, data.tokenized, time.perf_counter() - started)
 
 
 def run_job(

@@ -142,8 +142,9 @@ class ProgressCallback(Callback):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "stream": None}
 
-    def _print(self, trial: Any, outcome: str) -> None:
-        self.done += 1
+    def _print(self, trials: list, trial: Any, outcome: str) -> None:
+        # Counted from the trials, not incremented: a resumed sweep counts the ones done before.
+        self.done = sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials)
         last = trial.last_result or {}
         score = last.get(FINAL_SCORE, last.get(SCORE))
         params = last.get(ADAPTER_PARAMETERS)
@@ -159,7 +160,7 @@ class ProgressCallback(Callback):
         print("  ".join(parts), file=self.stream or sys.stdout, flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self._print(trial, trial_outcome(trial, ended=True))
+        self._print(trials, trial, trial_outcome(trial, ended=True))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self._print(trial, "failed")
+        self._print(trials, trial, "failed")

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from .names import ADAPTER_PARAMETERS, FINAL_SCORE, SCORE
-from .space import SpaceSampler, _encode
+from .space import SpaceSampler, encode_choice
 
 __all__ = ["ParetoOptunaSearch", "make_sampler", "STUDY_NAME"]
 
@@ -46,7 +46,7 @@ class ParetoOptunaSearch(OptunaSearch):
     """
 
     def __init__(self, space: SpaceSampler, sampler: optuna.samplers.BaseSampler, points_to_evaluate: list[dict] | None = None):
-        points = [{k: _encode(v) for k, v in p.items()} for p in points_to_evaluate or []]
+        points = [{k: encode_choice(v) for k, v in p.items()} for p in points_to_evaluate or []]
         super().__init__(
             space=space,
             metric=[SCORE, ADAPTER_PARAMETERS],  # what every report carries

@@ -22,7 +22,17 @@ from typing import Any
 from craft.budget import craft_parameters
 from craft.runconfig import METHODS
 
-__all__ = ["Domain", "parse_domain", "find_domains", "TargetCost", "SpaceSampler", "RANK_KEYS", "METHOD_KEY"]
+__all__ = [
+    "encode_choice",
+    "decode_choice",
+    "Domain",
+    "parse_domain",
+    "find_domains",
+    "TargetCost",
+    "SpaceSampler",
+    "RANK_KEYS",
+    "METHOD_KEY",
+]
 
 KINDS = ("choice", "int", "float")
 METHOD_KEY = "method"
@@ -67,8 +77,8 @@ class Domain:
             return trial.suggest_int(name, self.values[0], top, log=self.log)
         if self.kind == "float":
             return trial.suggest_float(name, self.values[0], self.values[1], log=self.log)
-        encoded = [_encode(v) for v in self.values]  # Optuna categoricals hold only scalars
-        return _decode(trial.suggest_categorical(name, encoded))
+        encoded = [encode_choice(v) for v in self.values]  # Optuna categoricals hold only scalars
+        return decode_choice(trial.suggest_categorical(name, encoded))
 
     def to_dict(self) -> dict:
         data: dict[str, Any] = {self.kind: list(self.values)}
@@ -77,11 +87,13 @@ class Domain:
         return data
 
 
-def _encode(value: Any) -> Any:
+def encode_choice(value: Any) -> Any:
+    """A choice as Optuna can hold it: lists and mappings as JSON text, scalars unchanged."""
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def _decode(value: Any) -> Any:
+def decode_choice(value: Any) -> Any:
+    """The inverse of :func:`encode_choice`."""
     if isinstance(value, str) and value[:1] in "[{":
         return json.loads(value)
     return value

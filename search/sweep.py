@@ -10,6 +10,7 @@ holds ``sweep.json`` (how to reach everything), ``summary.json`` (every trial) a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,7 +29,16 @@ from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, SCORE, STEP, TRIAL_
 from .spec import SweepSpec, check_against_model
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
-__all__ = ["TrialSummary", "SweepResult", "run_sweep", "experiment_dir", "SWEEP_FILE", "SUMMARY_FILE", "STUDY_FILE"]
+__all__ = [
+    "TrialSummary",
+    "SweepResult",
+    "run_sweep",
+    "experiment_dir",
+    "ray_storage",
+    "SWEEP_FILE",
+    "SUMMARY_FILE",
+    "STUDY_FILE",
+]
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.json"
@@ -81,9 +91,46 @@ class SweepResult:
         return data
 
 
+def _is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def ray_storage(spec: SweepSpec, storage: str | None = None) -> str:
+    """Ray Tune's ``storage_path``: a URI (``s3://``, ``gs://``) as given, else an absolute local path."""
+    where = storage or spec.search.storage or DEFAULT_STORAGE
+    return where if _is_uri(where) else str(Path(where).expanduser().resolve())
+
+
 def experiment_dir(spec: SweepSpec, storage: str | None = None) -> Path:
-    """Where Ray Tune keeps the sweep: ``STORAGE/NAME`` (``./runs/sweeps`` by default)."""
-    return Path(storage or spec.search.storage or DEFAULT_STORAGE).expanduser().resolve() / spec.name
+    """The sweep's local directory: ``STORAGE/NAME``, Ray Tune's experiment itself for local storage.
+
+    With a URI storage Ray Tune writes there and this local directory (``./runs/sweeps/NAME``)
+    holds the sweep's own files (``sweep.json``, ``summary.json``, the Optuna study).
+    """
+    where = ray_storage(spec, storage)
+    return (Path(DEFAULT_STORAGE).resolve() if _is_uri(where) else Path(where)) / spec.name
+
+
+@contextlib.contextmanager
+def _tune_environment(spec: SweepSpec):
+    """Ray Tune settings read from the environment, set for one ``fit`` and restored after."""
+    settings = {
+        "TUNE_MAX_PENDING_TRIALS_PG": str(spec.search.max_concurrent_trials),  # else Optuna trials start one by one
+        "TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "2"),  # a killed driver loses <= ~2 s
+        "RAY_AIR_NEW_OUTPUT": os.environ.get("RAY_AIR_NEW_OUTPUT", "0"),  # with verbose=0: no Ray tables, our lines
+        # Every trial checkpoint forces a snapshot of the sweep state (what --resume needs): expected, not a warning.
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    }
+    before = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _load_checked(spec: SweepSpec):
@@ -253,18 +300,18 @@ def run_sweep(
     decompositions = stats["decompositions"] + (int(previous) if resume and previous else 0)
     parent.set_tags({"craft.decompositions": decompositions, "craft.factor_disk_loads": stats["disk_loads"]})
 
-    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(spec.search.max_concurrent_trials)  # else Optuna trials start one by one
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed driver loses at most ~2 s of sweep state
-    # Every trial checkpoint forces a snapshot of the sweep state (what --resume needs): expected, not a warning.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Ray tables, our lines instead
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, cache_name=cache_name, scratch_root=str(scratch_root)),
         spec.resources.to_ray(),
     )
     searcher = None
     if resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(
+            f"{ray_storage(spec, storage).rstrip('/')}/{spec.name}",
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+        )
     else:
         searcher = ParetoOptunaSearch(
             spec.sampler(facts.costs), make_sampler(spec.search.sampler, spec.search.seed), spec.search.points_to_evaluate
@@ -286,10 +333,11 @@ def run_sweep(
                 scheduler=scheduler,
                 num_samples=spec.search.num_samples,
                 max_concurrent_trials=spec.search.max_concurrent_trials,
+                reuse_actors=True,  # a trial's worker keeps torch and transformers imported for the next
             ),
             run_config=tune.RunConfig(
                 name=spec.name,
-                storage_path=str(exp_dir.parent),
+                storage_path=ray_storage(spec, storage),
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 # Every checkpoint kept while the sweep runs: with num_to_keep, a killed driver's last
@@ -299,13 +347,15 @@ def run_sweep(
             ),
         )
     try:
-        results = tuner.fit()
+        with _tune_environment(spec):
+            results = tuner.fit()
         fetches = ray.get(cache.stats.remote())["fetches"]
     finally:
         ray.kill(cache)
         shutil.rmtree(scratch_root, ignore_errors=True)
     trials = _summaries(results)
-    _prune_checkpoints(exp_dir)
+    if not _is_uri(ray_storage(spec, storage)):
+        _prune_checkpoints(exp_dir)
     orphans = _drop_orphans(parent, experiment, {t.trial_id for t in trials}) if resume else 0
     result = SweepResult(
         name=spec.name,

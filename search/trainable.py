@@ -19,7 +19,7 @@ import ray
 import torch
 from ray import tune
 
-from craft.job import prepare_job, run_job
+from craft.job import PreparedData, data_key, prepare_data, prepare_job, run_job
 from craft.trainer import EvalEvent
 
 from .factor_cache import fetch_factors
@@ -28,6 +28,10 @@ from .runner import event_metrics
 from .spec import SweepSpec
 
 __all__ = ["run_trial", "RUN_DIR", "DIVERGED_FILE"]
+
+# The last trial's data in this worker: with reused actors, the next trial of the same task and
+# model skips reading and tokenising it again (datasets are immutable Arrow tables).
+_DATA: dict[str, PreparedData] = {}
 
 RUN_DIR = "run"  # the trial's run output (config, adapter, metrics) inside its trial directory
 DIVERGED_FILE = "diverged.json"
@@ -79,7 +83,11 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, cache_name: str | None
     scratch.mkdir(parents=True, exist_ok=True)
     resumed = _restore_checkpoint(scratch)
     factors = fetch_factors(cache_name, run.craft.target_modules) if run.method == "craft" and cache_name else None
-    prepared = prepare_job(run, factors)
+    key = data_key(run)
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = prepare_data(run)
+    prepared = prepare_job(run, factors, _DATA[key])
     params = prepared.adapted.adapter_parameters
     node = ray.get_runtime_context().get_node_id()
     common = {ADAPTER_PARAMETERS: params, NODE_ID: node, "threads": threads, "started_at": started_at, "resumed": int(resumed)}
