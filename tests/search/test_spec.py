@@ -175,3 +175,16 @@ def test_cli_refuses_bad_specs_before_ray_starts(tmp_path, capsys, changes, mess
 def test_cli_refuses_a_missing_spec_and_unknown_preset(capsys):
     assert main(["sweep", "no-such-preset"]) == 2
     assert "no preset 'no-such-preset.yaml'" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_resume_a_missing_sweep_or_to_overwrite_one(tmp_path, capsys):
+    import ray
+
+    storage = str(tmp_path / "runs")
+    assert main(["sweep", "smoke", "--resume", "--storage", storage]) == 2
+    assert "no sweep named 'smoke' to resume" in capsys.readouterr().err
+    (tmp_path / "runs" / "smoke").mkdir(parents=True)
+    assert main(["sweep", "smoke", "--storage", storage]) == 2
+    err = capsys.readouterr().err
+    assert "a sweep named 'smoke' already exists" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert not ray.is_initialized()

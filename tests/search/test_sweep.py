@@ -162,3 +162,16 @@ def test_a_killed_driver_resumes_without_lost_or_duplicated_trials(ray_address, 
     )
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in children) == sorted(ids)  # one run per trial, none twice
     assert all(r.info.status == "FINISHED" for r in children) and client.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_cli_smoke_test_runs_a_few_short_trials(ray_address, cache_dir, tmp_path, capsys):
+    from search.cli import main
+
+    code = main(
+        ["sweep", "smoke", "--smoke-test", "--num-samples", "3", "--storage", str(tmp_path),
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--cache-dir", str(cache_dir)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "sweep smoke-smoke: 3 trials of 12 steps" in out and "trials: 3 of 3" in out
+    summary = json.loads((tmp_path / "smoke-smoke" / SUMMARY_FILE).read_text())
+    assert all(t["step"] <= 12 for t in summary["trials"]) and summary["counts"]["complete"] >= 1
