@@ -35,12 +35,14 @@ __all__ = [
     "RunConfig",
     "load_run_config",
     "apply_overrides",
+    "check_keys",
 ]
 
 METHODS = ("craft", "lora", "pissa", "vera", "head")
 
 
-def _check_keys(cls: type, data: Any, where: str) -> dict:
+def check_keys(cls: type, data: Any, where: str) -> dict:
+    """``data`` as a dict whose keys are all fields of dataclass ``cls``; else a ValueError naming them."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
@@ -221,7 +223,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: Any) -> RunConfig:
         """Validate and build from plain data; every error names the key and the fix."""
-        data = dict(_check_keys(cls, data, "the run config"))
+        data = dict(check_keys(cls, data, "the run config"))
         blocks = {
             "data": DataBlock,
             "craft": CraftConfig,
@@ -234,7 +236,7 @@ class RunConfig:
         for key, block in blocks.items():
             if data.get(key) is not None:
                 try:
-                    data[key] = block(**_check_keys(block, data[key], f"the {key} block"))
+                    data[key] = block(**check_keys(block, data[key], f"the {key} block"))
                 except TypeError as err:  # a required field missing
                     raise ValueError(f"the {key} block: {err}") from None
         return cls(**data)

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("spec", help="sweep spec YAML, or a shipped preset: smoke, demo, glue-roberta-base")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value, e.g. --set search.max_concurrent_trials=4 (repeatable)")  # fmt: skip
-    w.add_argument("--address", help="Ray cluster to run on (HOST:PORT or ray://HOST:PORT; default: start Ray here)")
+    w.add_argument("--address", help="Ray cluster to run on (HOST:PORT or ray://HOST:PORT; default: the one ray start ran on this machine, else a new local one)")
     w.add_argument("--num-samples", type=int, help="trials in all (sets search.num_samples)")
     w.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, else ./mlflow.db)")
     w.add_argument("--storage", help="where Ray Tune keeps the sweep (local path, s3://, gs://; default: ./runs/sweeps)")
@@ -192,12 +192,14 @@ def format_sweep(result, top: int = 5) -> str:
             )
     else:
         lines.append("  none completed its budget")
-    counts = ", ".join(f"{result.count(o)} {o}" for o in ("complete", "pruned", "failed"))
+    counts = ", ".join(
+        f"{result.count(o)} {o}" for o in ("complete", "pruned", "failed", "unfinished") if o != "unfinished" or result.count(o)
+    )
     lines.append(f"trials: {len(result.trials)} of {result.requested} ({counts}) in {result.wall_s:.0f} s")
     lines.append(f"HOSVD decompositions: {result.cache['decompositions']} (factors read from disk: {result.cache['disk_loads']})")
     lines.append(f"results: {result.path} ({SUMMARY_FILE}, {STUDY_FILE})")
     lines.append(f"MLflow: parent run {result.parent_run_id} in experiment {result.experiment!r} at {result.tracking_uri}")
-    if len(result.trials) < result.requested:
+    if len(result.trials) < result.requested or result.count("unfinished"):
         lines.append("interrupted: run the same command with --resume to finish it")
     return "\n".join(lines)
 

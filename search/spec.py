@@ -29,7 +29,7 @@ import yaml
 
 from craft.budget import module_shapes
 from craft.factors import check_ranks
-from craft.runconfig import METHODS, RunConfig, apply_overrides
+from craft.runconfig import METHODS, RunConfig, apply_overrides, check_keys
 from craft.targets import find_targets
 
 from .space import METHOD_KEY, RANK_KEYS, Domain, SpaceSampler, TargetCost, find_domains
@@ -38,16 +38,6 @@ __all__ = ["SearchBlock", "ResourcesBlock", "SweepSpec", "FactorRequest", "Model
 
 SCHEDULERS = ("asha", "fifo")
 SAMPLERS = ("tpe", "random", "nsga2")
-
-
-def _check_fields(cls: type, data: Any, where: str) -> dict:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys are {sorted(known)}")
-    return data
 
 
 def _int_at_least(value: Any, low: int, where: str, allow_none: bool = False) -> None:
@@ -242,8 +232,8 @@ def _build(data: dict, path: Path | None, name: str | None) -> SweepSpec:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown}; valid keys are {sorted(known)}")
-    search = SearchBlock(**_check_fields(SearchBlock, data.get("search") or {}, "the search block"))
-    resources = ResourcesBlock(**_check_fields(ResourcesBlock, data.get("resources") or {}, "the resources block"))
+    search = SearchBlock(**check_keys(SearchBlock, data.get("search") or {}, "the search block"))
+    resources = ResourcesBlock(**check_keys(ResourcesBlock, data.get("resources") or {}, "the resources block"))
     base = {k: v for k, v in data.items() if k not in _SWEEP_KEYS}
     domains = find_domains(base)
     for path_key in ("model", "task", "output_dir", "train.max_steps", "train.eval_every", "tracking.uri", "tracking.experiment"):

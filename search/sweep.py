@@ -51,7 +51,7 @@ class TrialSummary:
     """One trial as the sweep ended it."""
 
     trial_id: str
-    outcome: str  # complete, pruned or failed
+    outcome: str  # complete, pruned, failed, or unfinished (an interrupted sweep's running or pending trial)
     config: dict[str, Any]  # the sampled values, by dotted key
     score: float | None  # final score when complete, else the last evaluation's
     adapter_parameters: int | None
@@ -87,7 +87,7 @@ class SweepResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["counts"] = {o: self.count(o) for o in ("complete", "pruned", "failed")}
+        data["counts"] = {o: self.count(o) for o in ("complete", "pruned", "failed", "unfinished")}
         return data
 
 
@@ -185,11 +185,18 @@ def _parent_run(spec: SweepSpec, uri: str, exp_dir: Path, resume: bool) -> RunTr
 
 
 def _summaries(results: Any) -> list[TrialSummary]:
+    # The trials' states (ResultGrid keeps its ExperimentAnalysis, whose trials have them, in order).
+    statuses = [t.status for t in results._experiment_analysis.trials]
     trials = []
-    for result in results:
+    for result, status in zip(results, statuses):
         metrics = dict(result.metrics or {})
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        outcome = "failed" if result.error else ("complete" if FINAL_SCORE in metrics else "pruned")
+        if result.error or status == "ERROR":
+            outcome = "failed"
+        elif FINAL_SCORE in metrics:
+            outcome = "complete"
+        else:  # stopped by ASHA, or left running / pending by an interrupted sweep
+            outcome = "pruned" if status == "TERMINATED" else "unfinished"
         score = metrics.get(FINAL_SCORE, metrics.get(SCORE))
         trials.append(
             TrialSummary(
@@ -384,6 +391,6 @@ def run_sweep(
     (exp_dir / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     _save_study(searcher, exp_dir)
     parent.client.log_artifact(parent.run_id, str(exp_dir / SUMMARY_FILE))
-    finished = len(trials) >= spec.search.num_samples and all(t.outcome != "running" for t in trials)
+    finished = len(trials) >= spec.search.num_samples and result.count("unfinished") == 0
     parent.end("FINISHED" if finished else "KILLED")
     return result

@@ -33,7 +33,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def ray_address():
     """This module's Ray instance: 2 CPUs, no dashboard; its GCS address for other drivers."""
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a ray start cluster
     yield context.address_info["gcs_address"]
     ray.shutdown()
 
@@ -59,13 +59,19 @@ def test_smoke_sweep_runs_every_trial(smoke):
     assert {t.outcome for t in smoke.trials} <= {"complete", "pruned"} and smoke.count("complete") >= 1
     for t in smoke.trials:
         assert t.adapter_parameters > 0 and t.score is not None and 0 <= t.score <= 1
+        assert t.metrics["threads"] == 1  # torch.set_num_threads = the trial's CPUs (resources.cpu: 1)
         if t.outcome == "complete":
             assert t.step == 32 and t.metrics[FINAL_SCORE] == t.score and "test/accuracy" in t.metrics
         else:
             assert t.step < 32 and FINAL_SCORE not in t.metrics
     with open(f"{smoke.path}/{SUMMARY_FILE}") as handle:
         summary = json.load(handle)
-    assert summary["counts"] == {"complete": smoke.count("complete"), "pruned": smoke.count("pruned"), "failed": 0}
+    assert summary["counts"] == {
+        "complete": smoke.count("complete"),
+        "pruned": smoke.count("pruned"),
+        "failed": 0,
+        "unfinished": 0,
+    }
 
 
 def test_asha_stops_trials_and_optuna_records_them_as_pruned(smoke):
@@ -175,3 +181,26 @@ def test_cli_smoke_test_runs_a_few_short_trials(ray_address, cache_dir, tmp_path
     assert code == 0 and "sweep smoke-smoke: 3 trials of 12 steps" in out and "trials: 3 of 3" in out
     summary = json.loads((tmp_path / "smoke-smoke" / SUMMARY_FILE).read_text())
     assert all(t["step"] <= 12 for t in summary["trials"]) and summary["counts"]["complete"] >= 1
+
+
+def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(ray_address, cache_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [
+        sys.executable, "-m", "search.cli", "sweep", "smoke", "--name", "interrupted", "--address", ray_address,
+        "--storage", str(tmp_path), "--tracking-uri", uri, "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in driver.stdout:
+        lines.append(line)
+        if line.startswith("[1/6]"):
+            driver.send_signal(signal.SIGINT)  # as Ctrl-C does
+    assert driver.wait(timeout=120) in (0, 1), "".join(lines)
+    output = "".join(lines)
+    assert "interrupted: run the same command with --resume" in output and "Traceback" not in output
+    client = MlflowClient(uri)
+    parent_id = json.loads((tmp_path / "interrupted" / "sweep.json").read_text())["parent_run_id"]
+    assert client.get_run(parent_id).info.status == "KILLED"
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "trials: 6 of 6" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert client.get_run(parent_id).info.status == "FINISHED"
