@@ -188,3 +188,16 @@ def test_cli_refuses_to_resume_a_missing_sweep_or_to_overwrite_one(tmp_path, cap
     err = capsys.readouterr().err
     assert "a sweep named 'smoke' already exists" in err and "--resume" in err and len(err.strip().splitlines()) == 1
     assert not ray.is_initialized()
+
+
+def test_a_target_domain_asks_the_cache_for_each_target_set():
+    targets = "craft.target_modules={choice: [[query, value], [query, key, value]]}"
+    spec = load_sweep_spec(preset_path("smoke.yaml"), [targets, "method=craft"])
+    facts = check_against_model(spec, load_model(TINY_MODEL, num_labels=3))
+    assert [(r.targets, r.max_ranks) for r in facts.factor_requests] == [
+        (("query", "value"), (4, 32, 32)),
+        (("query", "key", "value"), (4, 32, 32)),
+    ]
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    drawn = {tuple(spec.sampler(facts.costs)(study.ask())["craft.target_modules"]) for _ in range(12)}
+    assert drawn == {("query", "value"), ("query", "key", "value")}  # lists travel through Optuna as JSON and back
