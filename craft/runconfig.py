@@ -36,6 +36,7 @@ __all__ = [
     "load_run_config",
     "apply_overrides",
     "check_keys",
+    "read_yaml_mapping",
 ]
 
 METHODS = ("craft", "lora", "pissa", "vera", "head")
@@ -260,19 +261,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a run config YAML, apply ``overrides``, validate.
+def read_yaml_mapping(path: str | Path, missing_hint: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (empty file: ``{}``).
 
     Raises:
-        ValueError: a missing file, malformed YAML or an invalid value, in one line.
+        ValueError: no such file (with ``missing_hint``), malformed YAML (with its line), or a
+            document that is not a mapping; in one line.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no config file at {path}; pass the path of a run config YAML")
+        raise ValueError(f"no file at {path}; {missing_hint}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ValueError(f"{path} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of keys to values, not a {type(data).__name__}")
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config YAML, apply ``overrides``, validate.
+
+    Raises:
+        ValueError: a missing file, malformed YAML or an invalid value, in one line.
+    """
+    data = read_yaml_mapping(path, "pass the path of a run config YAML")
     return RunConfig.from_dict(apply_overrides(data, overrides or []))

@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("spec", help="sweep spec YAML, or a shipped preset: smoke, demo, glue-roberta-base")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value, e.g. --set search.max_concurrent_trials=4 (repeatable)")  # fmt: skip
-    w.add_argument("--address", help="Ray cluster to run on (HOST:PORT or ray://HOST:PORT; default: the one ray start ran on this machine, else a new local one)")
+    w.add_argument(
+        "--address",
+        help="Ray cluster to run on (HOST:PORT or ray://HOST:PORT; default: the one ray start ran on this machine, else a new local one)",
+    )
     w.add_argument("--num-samples", type=int, help="trials in all (sets search.num_samples)")
     w.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, else ./mlflow.db)")
     w.add_argument("--storage", help="where Ray Tune keeps the sweep (local path, s3://, gs://; default: ./runs/sweeps)")

@@ -25,11 +25,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from craft.budget import module_shapes
 from craft.factors import check_ranks
-from craft.runconfig import METHODS, RunConfig, apply_overrides, check_keys
+from craft.runconfig import METHODS, RunConfig, apply_overrides, check_keys, read_yaml_mapping
 from craft.targets import find_targets
 
 from .space import METHOD_KEY, RANK_KEYS, Domain, SpaceSampler, TargetCost, find_domains
@@ -211,15 +209,7 @@ def load_sweep_spec(path: str | Path, overrides: list[str] | None = None, name: 
             value (at any domain end) that the run config rejects; in one line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no sweep spec at {path}; pass the path of a sweep spec YAML (see spaces/ for presets)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ValueError(f"{path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}; fix the syntax") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of keys (model, task, method, ..., search, resources)")
+    data = read_yaml_mapping(path, "pass the path of a sweep spec YAML (see spaces/ for presets)")
     data = apply_overrides(data, overrides or [])
     try:
         return _build(data, path, name)

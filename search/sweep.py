@@ -168,12 +168,13 @@ def _check_resources(spec: SweepSpec) -> None:
         )
 
 
-def _parent_run(spec: SweepSpec, uri: str, exp_dir: Path, resume: bool) -> RunTracker:
+def _parent_run(spec: SweepSpec, uri: str, exp_dir: Path, resume: bool) -> tuple[RunTracker, str]:
+    """The sweep's MLflow parent run (reopened when resuming) and its experiment's name."""
     experiment = spec.base.get("tracking", {}).get("experiment", "craft-search")
     state_file = exp_dir / SWEEP_FILE
     if resume:
         state = json.loads(state_file.read_text())
-        return RunTracker(state["tracking_uri"], state["experiment"], run_id=state["parent_run_id"])
+        return RunTracker(state["tracking_uri"], state["experiment"], run_id=state["parent_run_id"]), state["experiment"]
     tags = {"craft.sweep": spec.name, "craft.storage": str(exp_dir), "craft.kind": "sweep"}
     parent = RunTracker(uri, experiment, run_name=spec.name, tags=tags)
     parent.log_params(spec.to_dict())
@@ -181,7 +182,7 @@ def _parent_run(spec: SweepSpec, uri: str, exp_dir: Path, resume: bool) -> RunTr
     state = {"name": spec.name, "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id,
              "spec": spec.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     state_file.write_text(json.dumps(state, indent=2) + "\n")
-    return parent
+    return parent, experiment
 
 
 def _summaries(results: Any) -> list[TrialSummary]:
@@ -301,8 +302,7 @@ def run_sweep(
     import ray
 
     stats = ray.get(cache.stats.remote())
-    parent = _parent_run(spec, uri, exp_dir, resume)
-    experiment = json.loads((exp_dir / SWEEP_FILE).read_text())["experiment"]
+    parent, experiment = _parent_run(spec, uri, exp_dir, resume)
     previous = parent.client.get_run(parent.run_id).data.tags.get("craft.decompositions")
     decompositions = stats["decompositions"] + (int(previous) if resume and previous else 0)
     parent.set_tags({"craft.decompositions": decompositions, "craft.factor_disk_loads": stats["disk_loads"]})
