@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .data import tokenize_task
 from .factors import Factors
 from .hub import load_model, load_tokenizer
@@ -148,6 +149,9 @@ def run_job(
         checkpoint_dir: keep the training checkpoint in ``checkpoint_dir/checkpoint`` instead of
             ``output_dir/checkpoint`` (a search trial keeps it in local scratch space).
 
+    Data-parallel (a ``torch.distributed`` process group, see :mod:`craft.distributed`): every
+    process calls this; rank 0 alone writes ``output_dir``.
+
     Raises:
         ValueError: bad data, model or config, in one line.
         FloatingPointError: the loss turned NaN or infinite.
@@ -155,8 +159,10 @@ def run_job(
     prepared = prepared or prepare_job(run, factors)
     task, tokenizer, adapted, tokenized = prepared.task, prepared.tokenizer, prepared.adapted, prepared.tokenized
     out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(run.to_yaml())
+    main = distributed.is_main()  # data-parallel: rank 0 writes every file
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(run.to_yaml())
     started = time.perf_counter()
     metrics_fn = compute_metrics
     result = train(
@@ -176,9 +182,9 @@ def run_job(
     if "test" in tokenized and not result.stopped_early:
         scored = evaluate(adapted, tokenized, task.spec, run.train, tokenizer, metrics_fn=metrics_fn, splits=("test",))
         test = {k: v for k, v in scored.items() if k.startswith("test/")}  # its bare "score" is the validation's name
-    adapter_dir = save_adapter(adapted, out / "adapter")
+    adapter_dir = save_adapter(adapted, out / "adapter") if main else out / "adapter"
     merged_dir = None
-    if run.save_merged and not result.stopped_early:
+    if run.save_merged and not result.stopped_early and main:
         merged_dir = out / "merged"
         merged_model(adapted).save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
@@ -198,5 +204,6 @@ def run_job(
             "total_s": prepared.seconds + time.perf_counter() - started,
         },
     )
-    (out / "metrics.json").write_text(json.dumps(job.summary(), indent=2) + "\n")
+    if main:
+        (out / "metrics.json").write_text(json.dumps(job.summary(), indent=2) + "\n")
     return job

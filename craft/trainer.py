@@ -4,6 +4,11 @@ checkpoints and exact resumption.
 Optimiser steps are counted across epochs; a gradient-accumulation window may span an epoch
 boundary. Evaluations (and checkpoints) happen right after an optimiser step, so a checkpoint
 never holds a half-accumulated gradient.
+
+Data-parallel (see :mod:`craft.distributed`): under a ``torch.distributed`` process group every
+process takes its slice of each global batch and DDP averages the gradients; every process
+evaluates (the same weights, the same numbers), rank 0 alone writes checkpoints, calls the
+callback and shows progress, and its stop decision is broadcast.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import make_loader, num_batches
 from .methods import AdaptedModel, parameter_groups
@@ -133,9 +139,10 @@ def train(
         metrics_fn: ``metrics_fn(spec, predictions, labels)`` -> dict with a ``"score"`` key;
             predictions are class ids (int64) for classification, floats for regression.
         callback: called with each :class:`EvalEvent` after its checkpoint is written; returning
-            True stops training (``stop_reason="callback"``).
+            True stops training (``stop_reason="callback"``). Data-parallel: rank 0 only.
         checkpoint_dir: write a checkpoint at every evaluation there (latest only).
-        resume: continue from the checkpoint in ``checkpoint_dir`` (fresh start when none).
+        resume: continue from the checkpoint in ``checkpoint_dir`` (fresh start when none);
+            data-parallel, every process must see the same checkpoint (shared storage).
         progress: a tqdm bar; None shows it when stderr is a terminal.
 
     Raises:
@@ -150,6 +157,7 @@ def train(
     device = resolve_device(cfg.device)
     autocast = _autocast(cfg, device)
     model = adapted.model.to(device)
+    main = distributed.is_main()
     _seed_everything(cfg.seed)
     steps = total_steps(cfg, len(train_set))
     per_epoch = num_batches(len(train_set), cfg.batch_size)
@@ -165,6 +173,8 @@ def train(
                 raise ValueError(f"the checkpoint in {checkpoint_dir} is of another plan {saved['plan']}, this run is {plan}")
             pos = _Position(**saved["position"])
             history = [EvalEvent(**e) for e in saved["history"]]
+        distributed.check_same(pos.step, f"the step to resume from (is {checkpoint_dir} on storage every worker shares?)", device)
+    forward = distributed.wrap(model, device)  # DDP when several processes train, else the model
 
     def evaluate_and_report() -> bool:
         event = EvalEvent(
@@ -178,25 +188,30 @@ def train(
         )
         history.append(event)
         pos.loss_sum, pos.loss_count = 0.0, 0
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and main:
             state = {"plan": plan, "history": [asdict(e) for e in history]}
             state["position"] = {**asdict(pos), "elapsed": event.elapsed}
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state)
-        return bool(callback(event)) if callback is not None else False
+        stop = bool(callback(event)) if callback is not None and main else False
+        return distributed.broadcast_flag(stop, device)
 
     start = time.perf_counter()
     stop_reason = None
     show = progress if progress is not None else sys.stderr.isatty()
-    bar = tqdm(total=steps, initial=pos.step, disable=not show, desc=f"train {adapted.method}", unit="step")
+    bar = tqdm(total=steps, initial=pos.step, disable=not (show and main), desc=f"train {adapted.method}", unit="step")
     model.train()
     micro = 0
     optimizer.zero_grad(set_to_none=True)
     while pos.step < steps and stop_reason is None:
         loader = make_loader(train_set, tokenizer, cfg.batch_size, True, cfg.seed, pos.epoch, start_batch=pos.batch)
         for batch in loader:
+            local, weight = distributed.shard(batch)  # the whole batch and 1.0 in a single process
             with autocast:
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                loss = forward(**{k: v.to(device) for k, v in local.items()}).loss
             value = loss.item()
+            if distributed.world_size() > 1:  # the global batch's mean loss, and its gradient after DDP's average
+                value = distributed.sum_across([value * weight], device)[0] / distributed.world_size()
+                loss = loss * weight
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"training loss is {value} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch}); "

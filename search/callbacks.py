@@ -7,6 +7,7 @@ found again by its trial-id tag, so a resumed sweep or a retried trial never ope
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -15,11 +16,12 @@ from typing import Any, TextIO
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, OUTCOME_TAG, PRUNED_TAG, SCORE, STEP, TRIAL_ID_TAG
+from .names import ADAPTER_PARAMETERS, CONFIG_TAG, FINAL_SCORE, NODE_ID, OUTCOME_TAG, PRUNED_TAG, SCORE, STEP, TRIAL_ID_TAG
+from .space import describe_config
 from .spec import SweepSpec
 from .tracking import RunTracker
 
-__all__ = ["MlflowSweepCallback", "ProgressCallback", "trial_outcome", "error_line", "describe_config"]
+__all__ = ["MlflowSweepCallback", "ProgressCallback", "trial_outcome", "error_line"]
 
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint", NODE_ID, "started_at", "finished_at"}
 
@@ -44,20 +46,6 @@ def error_line(trial: Any) -> str:
     except OSError:
         lines = []
     return lines[-1].strip()[:300] if lines else ""
-
-
-def describe_config(config: dict[str, Any]) -> str:
-    """A trial's sampled values in a short line: ``craft 6/32/64 lr=3.1e-03 ...``."""
-    method = config.get("method", "")
-    ranks = [config.get(f"craft.{k}") for k in ("rank_layers", "rank_out", "rank_in")]
-    head = f"{method} {'/'.join(str(r) for r in ranks)}" if method == "craft" and all(ranks) else method
-    rest = []
-    for key, value in config.items():
-        if key == "method" or (method == "craft" and key in {f"craft.{k}" for k in ("rank_layers", "rank_out", "rank_in")}):
-            continue
-        short = key.split(".", 1)[-1]
-        rest.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
-    return " ".join([head, *rest]).strip()
 
 
 class MlflowSweepCallback(Callback):
@@ -95,7 +83,12 @@ class MlflowSweepCallback(Callback):
             tracker = RunTracker(self.uri, self.experiment, run_id=found[0].info.run_id)
         else:
             method = trial.config.get("method", "craft")
-            tags = {TRIAL_ID_TAG: trial.trial_id, "craft.method": method, "craft.sweep": self.spec.name}
+            tags = {
+                TRIAL_ID_TAG: trial.trial_id,
+                "craft.method": method,
+                "craft.sweep": self.spec.name,
+                CONFIG_TAG: json.dumps(trial.config, default=str),
+            }
             tracker = RunTracker(self.uri, self.experiment, run_name=trial.trial_id, parent_run_id=self.parent_run_id, tags=tags)
             tracker.log_params(self.spec.run_data(trial.config))
         self._trackers[trial.trial_id] = tracker

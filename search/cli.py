@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a terminal)"
     )
+    t.add_argument("--workers", type=int, default=1,
+                   help="train data-parallel on N Ray Train workers (gloo on CPUs, nccl on GPUs; default 1: this process)")  # fmt: skip
+    t.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (torch threads) of each worker (default 1)")
+    t.add_argument("--address", help="Ray cluster for --workers (default: a new local one)")
     t.set_defaults(func=_train)
 
     w = sub.add_parser("sweep", help="search CRAFT (and baseline) configs on Ray Tune with Optuna and ASHA, tracked in MLflow")
@@ -71,7 +76,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--top", type=int, default=5, help="best trials shown at the end (default 5)")
     w.set_defaults(func=_sweep)
+
+    f = sub.add_parser(
+        "pareto", help="a sweep's Pareto front (score vs adapter parameters): table, hypervolume, PNG and HTML plots"
+    )
+    _sweep_source_args(f)
+    f.add_argument("--out", help="where the plots go (default: the sweep's results directory, else ./pareto-NAME)")
+    f.add_argument("--time", action="store_true", help="training time (s) as a third objective of the front")
+    f.add_argument(
+        "--reference",
+        help="hypervolume reference point SCORE,PARAMS[,SECONDS] (default: 0, twice the largest adapter[, twice the longest training])",
+    )
+    f.add_argument("--no-log", action="store_true", help="do not log the plots to the sweep's MLflow parent run")
+    f.add_argument("--json", action="store_true", help="print the front as JSON")
+    f.set_defaults(func=_pareto)
+
+    e = sub.add_parser("export", help="write a train config per chosen trial of a sweep, for production training")
+    _sweep_source_args(e)
+    e.add_argument("--pick", default="best", help="best, pareto, or budget:N (the best trials with at most N adapter parameters)")
+    e.add_argument("--top", type=int, help="at most K trials (default: 1 for best and budget, the whole front for pareto)")
+    e.add_argument("--out", required=True, help="directory for the configs (one YAML per trial)")
+    e.add_argument(
+        "--max-steps",
+        type=int,
+        help="production training length in optimiser steps (default: the spec's export block, else the trial budget)",
+    )
+    e.add_argument("--epochs", type=float, help="production training length in epochs (instead of --max-steps)")
+    e.add_argument(
+        "--output-root",
+        default="runs/production",
+        help="each config trains into OUTPUT_ROOT/<sweep>-<trial> (default runs/production)",
+    )
+    e.set_defaults(func=_export)
     return parser
+
+
+def _sweep_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="a sweep's results directory, its name (in --storage), or its MLflow parent run as runs:/RUN_ID")
+    p.add_argument("--storage", help="where sweeps are kept, for a name (default ./runs/sweeps)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/RUN_ID (default ./mlflow.db)")
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
@@ -99,30 +142,39 @@ def _train(args: argparse.Namespace) -> int:
     from .runner import train_tracked
 
     run = load_run_config(args.config or preset_path(DEMO_TRAIN), _train_overrides(args))
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1:
+        from .production import train_distributed
+
+        job = train_distributed(run, args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker, resume=args.resume)
+        print(format_job(job.summary, run.tracking.experiment, job.tracking_uri, job.run_id))
+        print(f"data-parallel: {job.workers} workers ({job.backend})")
+        return 0
     tracked = train_tracked(run, resume=args.resume, progress=args.progress)
-    print(format_job(tracked))
+    print(format_job(tracked.job.summary(), run.tracking.experiment, tracked.tracking_uri, tracked.run_id))
     return 0
 
 
-def format_job(tracked) -> str:
-    """The end-of-run report: scores, sizes, where the results are."""
-    job = tracked.job
-    final = job.train.final
+def format_job(summary: dict, experiment: str, tracking_uri: str | None, run_id: str | None) -> str:
+    """The end-of-run report from a job's summary (``metrics.json``): scores, sizes, where the results are."""
+    stopped = summary.get("stopped_early")
     lines = [
-        f"{job.run.method} on {job.spec.name}: {job.train.steps} steps"
-        + (f", stopped early ({job.train.stop_reason})" if job.train.stopped_early else ""),
-        f"adapter parameters {job.adapter_parameters:,} (head {job.head_parameters:,} apart)",
+        f"{summary['method']} on {summary['task']}: {summary['steps']} steps" + (", stopped early" if stopped else ""),
+        f"adapter parameters {summary['adapter_parameters']:,} (head {summary['head_parameters']:,} apart)",
     ]
-    for split in (*job.spec.eval_splits, "test"):
-        source = job.test_metrics if split == "test" else final.metrics
+    final = summary.get("final") or {}
+    splits = list(dict.fromkeys(k.split("/", 1)[0] for k in final if "/" in k))
+    for split in (*splits, "test"):
+        source = summary.get("test") or {} if split == "test" else final
         values = {k.split("/", 1)[1]: v for k, v in source.items() if k.startswith(split + "/") and not k.endswith("/loss")}
         if values:
             lines.append(f"  {split:<24}" + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
-    lines.append(f"adapter: {job.adapter_dir}")
-    if job.merged_dir:
-        lines.append(f"merged model: {job.merged_dir}")
-    if tracked.run_id:
-        lines.append(f"MLflow: run {tracked.run_id} in experiment {job.run.tracking.experiment!r} at {tracked.tracking_uri}")
+    lines.append(f"adapter: {summary['adapter_dir']}")
+    if summary.get("merged_dir"):
+        lines.append(f"merged model: {summary['merged_dir']}")
+    if run_id:
+        lines.append(f"MLflow: run {run_id} in experiment {experiment!r} at {tracking_uri}")
     return "\n".join(lines)
 
 
@@ -182,7 +234,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def format_sweep(result, top: int = 5) -> str:
     """The end-of-sweep report: best trials, counts, where the results are."""
-    from .callbacks import describe_config
+    from .space import describe_config
     from .sweep import STUDY_FILE, SUMMARY_FILE
 
     lines = ["", f"best trials of {result.name} (final validation score; adapter parameters exclude the head):"]
@@ -207,6 +259,93 @@ def format_sweep(result, top: int = 5) -> str:
     return "\n".join(lines)
 
 
+def _pareto(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pareto import default_reference, hypervolume, load_sweep, pareto_front, parse_reference
+    from .plots import HTML_NAME, PNG_NAME, write_html, write_png
+
+    table = load_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri)
+    objectives = ("score", "params", "time") if args.time else ("score", "params")
+    reference = parse_reference(args.reference, objectives) if args.reference else default_reference(table, objectives)
+    front = pareto_front(table.trials, objectives)
+    volumes = {"all": hypervolume(table.trials, reference, objectives)}
+    for method in table.methods:
+        volumes[method] = hypervolume([t for t in table.trials if t.method == method], reference, objectives)
+    out = Path(args.out) if args.out else (table.path / "pareto" if table.path else Path(f"pareto-{table.name}"))
+    plot_front = front if not args.time else pareto_front(table.trials)  # the plots draw score against parameters
+    png, html = write_png(table, plot_front, out / PNG_NAME), write_html(table, plot_front, out / HTML_NAME)
+    logged = False
+    if not args.no_log and table.parent_run_id and table.tracking_uri:
+        log_front(table, (png, html), volumes["all"])
+        logged = True
+    if args.json:
+        print(json.dumps({"sweep": table.name, "objectives": objectives, "reference": reference, "hypervolume": volumes,
+                          "front": [t.__dict__ for t in front], "png": str(png), "html": str(html)}, indent=2, default=str))  # fmt: skip
+    else:
+        print(format_front(table, front, objectives, reference, volumes))
+        print(f"plots: {png} and {html}" + (f" (logged to MLflow parent run {table.parent_run_id})" if logged else ""))
+    return 0 if front else 1
+
+
+def log_front(table, plots, volume: float) -> None:
+    """The plots and the hypervolume into the sweep's MLflow parent run (its status untouched)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import check_tracking_uri
+
+    check_tracking_uri(table.tracking_uri)
+    client = MlflowClient(tracking_uri=table.tracking_uri)
+    for path in plots:
+        client.log_artifact(table.parent_run_id, str(path), "pareto")
+    client.log_metric(table.parent_run_id, "hypervolume", volume, timestamp=int(time.time() * 1000))
+
+
+def format_front(table, front, objectives, reference, volumes) -> str:
+    """The front as a table, then the hypervolume per method against the stated reference point."""
+    from .space import describe_config
+
+    full = table.full()
+    lines = [f"sweep {table.name} ({table.source}): {len(table.trials)} trials, {len(full)} ran their full budget"
+             + (" (still running)" if table.running else "")]  # fmt: skip
+    if not front:
+        lines.append("  no trial has run its full budget yet: no front")
+        return "\n".join(lines)
+    lines.append(
+        f"Pareto front on {', '.join(objectives)} ({len(front)} trials, fewest parameters first; score: {table.score_label}):"
+    )
+    lines.append(f"  {'trial':<12} {'method':<7} {'score':>7} {'params':>10} {'train s':>8}  config")
+    for t in front:
+        seconds = f"{t.train_s:.1f}" if t.train_s is not None else "-"
+        lines.append(
+            f"  {t.trial_id:<12} {t.method:<7} {t.score:>7.4f} {t.adapter_parameters:>10,} {seconds:>8}  {describe_config(t.config)}"
+        )
+    ref = ", ".join(f"{o} {v:g}" for o, v in zip(objectives, reference))
+    lines.append(f"hypervolume (score x log10(1 + params){' x seconds' if 'time' in objectives else ''}) against ({ref}):")
+    lines.append("  " + "  ".join(f"{k} {v:.4f}" for k, v in volumes.items()))
+    return "\n".join(lines)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_configs, parse_pick
+    from .pareto import load_sweep
+
+    pick = parse_pick(args.pick)  # before reading anything
+    table = load_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri)
+    exported = export_configs(table, pick, args.out, top=args.top, max_steps=args.max_steps, epochs=args.epochs,
+                              output_root=args.output_root)  # fmt: skip
+    train = exported[0].run.train
+    length = f"{train.max_steps} steps" if train.max_steps is not None else f"{train.epochs:g} epochs"
+    print(f"exported {len(exported)} config(s) of sweep {table.name} (--pick {pick}), each training {length}:")
+    for item in exported:
+        t = item.trial
+        print(f"  {item.path}  trial {t.trial_id} {t.method} score {t.score:.4f} {t.adapter_parameters:,} params")
+    print(f"train one with: craft-search train {exported[0].path} [--workers N]")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from craft.hub import DEMO_MODEL, load_model, resolve_model
     from craft.inspection import format_report, inspect_model
@@ -229,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # one line per result, not a bar per weight file
     hf_logging.set_verbosity_error()  # e.g. "newly initialized classifier": expected, the head is trained
-    if args.command in ("train", "sweep"):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per downloaded sweep.json
+    if args.command in ("train", "sweep", "pareto", "export"):
         import mlflow  # noqa: F401  (it sets its loggers' levels on import: quiet them after)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables"
     logging.getLogger("ray.tune").setLevel(logging.WARNING)  # our own lines report the trials

@@ -10,6 +10,8 @@ __all__ = [
     "TRIAL_ID_TAG",
     "OUTCOME_TAG",
     "PRUNED_TAG",
+    "CONFIG_TAG",
+    "TRAIN_SECONDS",
 ]
 
 SCORE = "score"  # the first evaluation split's score at this evaluation (ASHA's metric)
@@ -17,8 +19,10 @@ FINAL_SCORE = "final_score"  # the score at the end of the full budget: only in 
 ADAPTER_PARAMETERS = "adapter_parameters"  # trainable parameters outside the head (minimised)
 STEP = "step"  # optimiser steps done (ASHA's time attribute)
 ELAPSED = "elapsed_s"  # seconds of training so far
+TRAIN_SECONDS = "train_s"  # seconds the full training took: only in a completed trial's last report
 NODE_ID = "node_id"  # the Ray node the trial ran on
 
 TRIAL_ID_TAG = "craft.trial_id"  # MLflow tag: the Ray Tune trial of a child run
 OUTCOME_TAG = "craft.outcome"  # MLflow tag: complete, pruned or failed
 PRUNED_TAG = "craft.pruned"  # MLflow tag: true when ASHA stopped the trial
+CONFIG_TAG = "craft.config"  # MLflow tag: the trial's sampled values, JSON by dotted key

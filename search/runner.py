@@ -17,7 +17,7 @@ from craft.trainer import EvalEvent
 
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
-__all__ = ["TrackedJob", "train_tracked", "event_metrics"]
+__all__ = ["TrackedJob", "train_tracked", "event_metrics", "open_tracker", "log_job"]
 
 _RUN_FILE = "mlflow_run.json"
 
@@ -41,7 +41,9 @@ def event_metrics(event: EvalEvent) -> dict[str, float]:
     return metrics
 
 
-def _tracker(run: RunConfig, resume: bool) -> RunTracker:
+def open_tracker(run: RunConfig, resume: bool) -> RunTracker:
+    """The job's MLflow run: the one a resumed job started, else a new one with the run config as
+    params and, for an exported config, tags and a note linking the source trial."""
     uri = resolve_tracking_uri(run.tracking.uri)
     run_file = Path(run.output_dir) / _RUN_FILE
     previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
@@ -50,6 +52,8 @@ def _tracker(run: RunConfig, resume: bool) -> RunTracker:
     tags = {"craft.method": run.method, "craft.task": run.task, "craft.model": run.model}
     for key, value in (run.provenance or {}).items():
         tags[f"craft.source.{key}"] = str(value)
+    if run.provenance:
+        tags["mlflow.note.content"] = _source_note(run.provenance)
     tracker = RunTracker(uri, run.tracking.experiment, run_name=Path(run.output_dir).name, tags=tags)
     tracker.log_params(run.to_dict())
     run_file.parent.mkdir(parents=True, exist_ok=True)
@@ -69,20 +73,33 @@ def train_tracked(run: RunConfig, *, resume: bool = False, progress: bool | None
     prepared = prepare_job(run)  # every input check, before an MLflow run exists
     if not run.tracking.enabled:
         return TrackedJob(run_job(run, prepared=prepared, resume=resume, progress=progress), None, None)
-    tracker = _tracker(run, resume)
+    tracker = open_tracker(run, resume)
     with tracker:
 
         def report(event: EvalEvent) -> None:
             tracker.log_metrics(event_metrics(event), step=event.step)
 
         job = run_job(run, prepared=prepared, callback=report, resume=resume, progress=progress)
-        final_step = job.train.steps
-        tracker.log_metrics(job.test_metrics, step=final_step)
-        tracker.log_metrics(
-            {"adapter_parameters": job.adapter_parameters, "head_parameters": job.head_parameters}, step=final_step
-        )
-        tracker.set_tags({"craft.adapter_parameters": job.adapter_parameters, "craft.stopped_early": job.train.stopped_early})
-        tracker.log_artifacts(job.adapter_dir, "adapter")
-        for name in ("config.yaml", "metrics.json"):
-            tracker.client.log_artifact(tracker.run_id, str(job.output_dir / name))
+        log_job(tracker, job)
     return TrackedJob(job, tracker.uri, tracker.run_id)
+
+
+def log_job(tracker: RunTracker, job: JobResult) -> None:
+    """A finished job's test metrics, sizes, adapter, config and metrics file into its MLflow run."""
+    final_step = job.train.steps
+    tracker.log_metrics(job.test_metrics, step=final_step)
+    tracker.log_metrics({"adapter_parameters": job.adapter_parameters, "head_parameters": job.head_parameters}, step=final_step)
+    tracker.set_tags({"craft.adapter_parameters": job.adapter_parameters, "craft.stopped_early": job.train.stopped_early})
+    tracker.log_artifacts(job.adapter_dir, "adapter")
+    for name in ("config.yaml", "metrics.json"):
+        tracker.client.log_artifact(tracker.run_id, str(job.output_dir / name))
+
+
+def _source_note(provenance: dict) -> str:
+    """The MLflow run's description for a config exported from a sweep: which trial, which score."""
+    parts = [f"Trained from sweep **{provenance.get('sweep')}**, trial `{provenance.get('trial_id')}`"]
+    if provenance.get("run_id"):
+        parts.append(f"(MLflow run `{provenance['run_id']}`)")
+    if provenance.get("score") is not None:
+        parts.append(f"which scored {provenance['score']:.4f} with {provenance.get('adapter_parameters') or 0:,} adapter parameters")
+    return " ".join(parts) + "."

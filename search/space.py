@@ -23,6 +23,7 @@ from craft.budget import craft_parameters
 from craft.runconfig import METHODS
 
 __all__ = [
+    "describe_config",
     "encode_choice",
     "decode_choice",
     "Domain",
@@ -222,3 +223,17 @@ class SpaceSampler:
         if method == "vera":
             return (self.max_adapter_params - cost.sum_out) // cost.num_modules
         return self.max_adapter_params // cost.lora_per_rank
+
+
+def describe_config(config: dict[str, Any]) -> str:
+    """A trial's sampled values in a short line: ``craft 6/32/64 lr=3.1e-03 ...``."""
+    method = config.get("method", "")
+    ranks = [config.get(f"craft.{k}") for k in ("rank_layers", "rank_out", "rank_in")]
+    head = f"{method} {'/'.join(str(r) for r in ranks)}" if method == "craft" and all(ranks) else method
+    rest = []
+    for key, value in config.items():
+        if key == "method" or (method == "craft" and key in {f"craft.{k}" for k in ("rank_layers", "rank_out", "rank_in")}):
+            continue
+        short = key.split(".", 1)[-1]
+        rest.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
+    return " ".join([head, *rest]).strip()

@@ -32,7 +32,17 @@ from craft.targets import find_targets
 
 from .space import METHOD_KEY, RANK_KEYS, Domain, SpaceSampler, TargetCost, find_domains
 
-__all__ = ["SearchBlock", "ResourcesBlock", "SweepSpec", "FactorRequest", "ModelFacts", "load_sweep_spec", "check_against_model"]
+__all__ = [
+    "SearchBlock",
+    "ResourcesBlock",
+    "ExportBlock",
+    "SweepSpec",
+    "FactorRequest",
+    "ModelFacts",
+    "load_sweep_spec",
+    "spec_from_dict",
+    "check_against_model",
+]
 
 SCHEDULERS = ("asha", "fifo")
 SAMPLERS = ("tpe", "random", "nsga2")
@@ -104,6 +114,27 @@ class ResourcesBlock:
         return {"cpu": self.cpu, "gpu": self.gpu}
 
 
+@dataclass
+class ExportBlock:
+    """How an exported config trains in production: ``max_steps`` or ``epochs`` (at most one).
+
+    Neither set: the sweep's trial budget (the exported config reproduces its trial).
+    """
+
+    max_steps: int | None = None
+    epochs: float | None = None
+    save_merged: bool = True  # production runs also write the merged transformers model
+
+    def __post_init__(self) -> None:
+        _int_at_least(self.max_steps, 1, "export.max_steps", allow_none=True)
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or self.epochs <= 0):
+            raise ValueError(f"export.epochs must be a positive number, got {self.epochs!r}")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set export.max_steps or export.epochs, not both")
+        if not isinstance(self.save_merged, bool):
+            raise ValueError(f"export.save_merged must be true or false, got {self.save_merged!r}")
+
+
 def _get(data: dict, path: str) -> Any:
     node: Any = data
     for part in path.split("."):
@@ -131,6 +162,7 @@ class SweepSpec:
         domains: dotted path -> :class:`~search.space.Domain`.
         search: the :class:`SearchBlock`.
         resources: the :class:`ResourcesBlock` of one trial.
+        export: the :class:`ExportBlock`: production training of exported configs.
         path: the YAML file it came from.
     """
 
@@ -139,6 +171,7 @@ class SweepSpec:
     domains: dict[str, Domain]
     search: SearchBlock = field(default_factory=SearchBlock)
     resources: ResourcesBlock = field(default_factory=ResourcesBlock)
+    export: ExportBlock = field(default_factory=ExportBlock)
     path: Path | None = None
 
     @property
@@ -186,7 +219,13 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data (loadable again)."""
-        return {"name": self.name, **copy.deepcopy(self.base), "search": asdict(self.search), "resources": asdict(self.resources)}
+        return {
+            "name": self.name,
+            **copy.deepcopy(self.base),
+            "search": asdict(self.search),
+            "resources": asdict(self.resources),
+            "export": asdict(self.export),
+        }
 
     def _probe(self) -> None:
         # Every domain's ends (or choices) through the run config's own validation, per method.
@@ -198,7 +237,7 @@ class SweepSpec:
                 self.run_config(values)
 
 
-_SWEEP_KEYS = {"name", "search", "resources"}
+_SWEEP_KEYS = {"name", "search", "resources", "export"}
 
 
 def load_sweep_spec(path: str | Path, overrides: list[str] | None = None, name: str | None = None) -> SweepSpec:
@@ -217,6 +256,17 @@ def load_sweep_spec(path: str | Path, overrides: list[str] | None = None, name: 
         raise ValueError(f"sweep spec {path.name}: {err}") from None
 
 
+def spec_from_dict(data: dict[str, Any]) -> SweepSpec:
+    """Rebuild a spec from :meth:`SweepSpec.to_dict` (as a sweep's ``sweep.json`` keeps it).
+
+    Raises:
+        ValueError: the data is not a valid spec, in one line.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"a sweep spec must be a mapping, got {type(data).__name__}")
+    return _build(copy.deepcopy(data), None, None)
+
+
 def _build(data: dict, path: Path | None, name: str | None) -> SweepSpec:
     known = {f.name for f in fields(RunConfig)} | _SWEEP_KEYS
     unknown = sorted(set(data) - known)
@@ -224,6 +274,7 @@ def _build(data: dict, path: Path | None, name: str | None) -> SweepSpec:
         raise ValueError(f"unknown key(s) {unknown}; valid keys are {sorted(known)}")
     search = SearchBlock(**check_keys(SearchBlock, data.get("search") or {}, "the search block"))
     resources = ResourcesBlock(**check_keys(ResourcesBlock, data.get("resources") or {}, "the resources block"))
+    export = ExportBlock(**check_keys(ExportBlock, data.get("export") or {}, "the export block"))
     base = {k: v for k, v in data.items() if k not in _SWEEP_KEYS}
     domains = find_domains(base)
     for path_key in ("model", "task", "output_dir", "train.max_steps", "train.eval_every", "tracking.uri", "tracking.experiment"):
@@ -254,6 +305,7 @@ def _build(data: dict, path: Path | None, name: str | None) -> SweepSpec:
         domains=domains,
         search=search,
         resources=resources,
+        export=export,
         path=path,
     )
     if not spec.name.replace("-", "").replace("_", "").replace(".", "").isalnum():

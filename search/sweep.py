@@ -35,6 +35,7 @@ __all__ = [
     "run_sweep",
     "experiment_dir",
     "ray_storage",
+    "connect_ray",
     "SWEEP_FILE",
     "SUMMARY_FILE",
     "STUDY_FILE",
@@ -143,7 +144,12 @@ def _load_checked(spec: SweepSpec):
         raise ValueError(f"sweep spec {spec.path.name if spec.path else spec.name}: {err}") from None
 
 
-def _init_ray(address: str | None) -> None:
+def connect_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (None: the one initialised here, else a new local one).
+
+    Raises:
+        ValueError: the cluster cannot be reached or started, in one line.
+    """
     import ray
 
     if ray.is_initialized():
@@ -182,6 +188,7 @@ def _parent_run(spec: SweepSpec, uri: str, exp_dir: Path, resume: bool) -> tuple
     state = {"name": spec.name, "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id,
              "spec": spec.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     state_file.write_text(json.dumps(state, indent=2) + "\n")
+    parent.client.log_artifact(parent.run_id, str(state_file))  # the spec, for pareto and export from MLflow alone
     return parent, experiment
 
 
@@ -291,7 +298,7 @@ def run_sweep(
         )
     model, facts = _load_checked(spec)
 
-    _init_ray(address)
+    connect_ray(address)
     _check_resources(spec)
     run_id = uuid.uuid4().hex[:8]
     cache_name = f"craft-factor-cache-{spec.name}-{run_id}"

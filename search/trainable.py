@@ -23,7 +23,7 @@ from craft.job import PreparedData, data_key, prepare_data, prepare_job, run_job
 from craft.trainer import EvalEvent
 
 from .factor_cache import fetch_factors
-from .names import ADAPTER_PARAMETERS, ELAPSED, FINAL_SCORE, NODE_ID, SCORE, STEP
+from .names import ADAPTER_PARAMETERS, ELAPSED, FINAL_SCORE, NODE_ID, SCORE, STEP, TRAIN_SECONDS
 from .runner import event_metrics
 from .spec import SweepSpec
 
@@ -110,7 +110,7 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, cache_name: str | None
     final = job.train.final
     metrics = metrics_of(final)
     metrics.update(job.test_metrics)
-    metrics.update({FINAL_SCORE: final.metrics["score"], "prepare_s": prepared.seconds, "train_s": job.timings["train_s"]})
+    metrics.update({FINAL_SCORE: final.metrics["score"], "prepare_s": prepared.seconds, TRAIN_SECONDS: job.timings["train_s"]})
     metrics["finished_at"] = time.time()
     tune.report(metrics, checkpoint=checkpoint())
     shutil.rmtree(scratch, ignore_errors=True)  # stopped trials leave theirs: the driver clears the root at the end
