@@ -4,6 +4,10 @@ Importing this package starts nothing and imports no Ray; :func:`run_sweep` does
 """
 
 from .cli import main
+from .export import Pick, choose_trials, export_configs, parse_pick
+from .pareto import ParetoTrial, SweepTable, hypervolume, load_sweep, pareto_front
+from .production import train_distributed
+from .report import FrontReport, report_front
 from .space import Domain, SpaceSampler
 from .spec import ResourcesBlock, SearchBlock, SweepSpec, check_against_model, load_sweep_spec
 from .sweep import SweepResult, TrialSummary, run_sweep
@@ -20,4 +24,16 @@ __all__ = [
     "SweepResult",
     "TrialSummary",
     "run_sweep",
+    "ParetoTrial",
+    "SweepTable",
+    "load_sweep",
+    "pareto_front",
+    "hypervolume",
+    "FrontReport",
+    "report_front",
+    "Pick",
+    "parse_pick",
+    "choose_trials",
+    "export_configs",
+    "train_distributed",
 ]

@@ -253,6 +253,12 @@ def format_sweep(result, top: int = 5) -> str:
     lines.append(f"trials: {len(result.trials)} of {result.requested} ({counts}) in {result.wall_s:.0f} s")
     lines.append(f"HOSVD decompositions: {result.cache['decompositions']} (factors read from disk: {result.cache['disk_loads']})")
     lines.append(f"results: {result.path} ({SUMMARY_FILE}, {STUDY_FILE})")
+    if result.pareto:
+        front = result.pareto["front"]
+        lines.append(
+            f"Pareto front: {len(front)} trial(s) ({', '.join(front) or 'none yet'}); hypervolume {result.pareto['hypervolume']['all']:.4f}"
+        )
+        lines.append(f"plots: {result.pareto['png']} and {result.pareto['html']} (also in the MLflow parent run)")
     lines.append(f"MLflow: parent run {result.parent_run_id} in experiment {result.experiment!r} at {result.tracking_uri}")
     if len(result.trials) < result.requested or result.count("unfinished"):
         lines.append("interrupted: run the same command with --resume to finish it")
@@ -262,70 +268,20 @@ def format_sweep(result, top: int = 5) -> str:
 def _pareto(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pareto import default_reference, hypervolume, load_sweep, pareto_front, parse_reference
-    from .plots import HTML_NAME, PNG_NAME, write_html, write_png
+    from .pareto import load_sweep, parse_reference
+    from .report import report_front
 
     table = load_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri)
     objectives = ("score", "params", "time") if args.time else ("score", "params")
-    reference = parse_reference(args.reference, objectives) if args.reference else default_reference(table, objectives)
-    front = pareto_front(table.trials, objectives)
-    volumes = {"all": hypervolume(table.trials, reference, objectives)}
-    for method in table.methods:
-        volumes[method] = hypervolume([t for t in table.trials if t.method == method], reference, objectives)
-    out = Path(args.out) if args.out else (table.path / "pareto" if table.path else Path(f"pareto-{table.name}"))
-    plot_front = front if not args.time else pareto_front(table.trials)  # the plots draw score against parameters
-    png, html = write_png(table, plot_front, out / PNG_NAME), write_html(table, plot_front, out / HTML_NAME)
-    logged = False
-    if not args.no_log and table.parent_run_id and table.tracking_uri:
-        log_front(table, (png, html), volumes["all"])
-        logged = True
-    if args.json:
-        print(json.dumps({"sweep": table.name, "objectives": objectives, "reference": reference, "hypervolume": volumes,
-                          "front": [t.__dict__ for t in front], "png": str(png), "html": str(html)}, indent=2, default=str))  # fmt: skip
-    else:
-        print(format_front(table, front, objectives, reference, volumes))
-        print(f"plots: {png} and {html}" + (f" (logged to MLflow parent run {table.parent_run_id})" if logged else ""))
-    return 0 if front else 1
-
-
-def log_front(table, plots, volume: float) -> None:
-    """The plots and the hypervolume into the sweep's MLflow parent run (its status untouched)."""
-    import time
-
-    from mlflow.tracking import MlflowClient
-
-    from .tracking import check_tracking_uri
-
-    check_tracking_uri(table.tracking_uri)
-    client = MlflowClient(tracking_uri=table.tracking_uri)
-    for path in plots:
-        client.log_artifact(table.parent_run_id, str(path), "pareto")
-    client.log_metric(table.parent_run_id, "hypervolume", volume, timestamp=int(time.time() * 1000))
-
-
-def format_front(table, front, objectives, reference, volumes) -> str:
-    """The front as a table, then the hypervolume per method against the stated reference point."""
-    from .space import describe_config
-
-    full = table.full()
-    lines = [f"sweep {table.name} ({table.source}): {len(table.trials)} trials, {len(full)} ran their full budget"
-             + (" (still running)" if table.running else "")]  # fmt: skip
-    if not front:
-        lines.append("  no trial has run its full budget yet: no front")
-        return "\n".join(lines)
-    lines.append(
-        f"Pareto front on {', '.join(objectives)} ({len(front)} trials, fewest parameters first; score: {table.score_label}):"
+    reference = parse_reference(args.reference, objectives) if args.reference else None
+    report = report_front(
+        table, Path(args.out) if args.out else None, objectives=objectives, reference=reference, log=not args.no_log
     )
-    lines.append(f"  {'trial':<12} {'method':<7} {'score':>7} {'params':>10} {'train s':>8}  config")
-    for t in front:
-        seconds = f"{t.train_s:.1f}" if t.train_s is not None else "-"
-        lines.append(
-            f"  {t.trial_id:<12} {t.method:<7} {t.score:>7.4f} {t.adapter_parameters:>10,} {seconds:>8}  {describe_config(t.config)}"
-        )
-    ref = ", ".join(f"{o} {v:g}" for o, v in zip(objectives, reference))
-    lines.append(f"hypervolume (score x log10(1 + params){' x seconds' if 'time' in objectives else ''}) against ({ref}):")
-    lines.append("  " + "  ".join(f"{k} {v:.4f}" for k, v in volumes.items()))
-    return "\n".join(lines)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report.format())
+    return 0 if report.front else 1
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -76,6 +76,7 @@ class SweepResult:
     cache: dict[str, Any]
     wall_s: float
     requested: int
+    pareto: dict[str, Any] | None = None  # the front's trial ids, hypervolumes and plot paths (search.report)
 
     def count(self, outcome: str) -> int:
         """Trials that ended ``outcome`` (complete, pruned, failed)."""
@@ -399,5 +400,13 @@ def run_sweep(
     _save_study(searcher, exp_dir)
     parent.client.log_artifact(parent.run_id, str(exp_dir / SUMMARY_FILE))
     finished = len(trials) >= spec.search.num_samples and result.count("unfinished") == 0
-    parent.end("FINISHED" if finished else "KILLED")
+    try:
+        from .pareto import load_sweep
+        from .report import report_front
+
+        report = report_front(load_sweep(exp_dir), log=True)  # the plots and the hypervolume, in the parent run
+        result.pareto = {"front": [t.trial_id for t in report.front], "hypervolume": report.hypervolumes,
+                         "png": str(report.png), "html": str(report.html)}  # fmt: skip
+    finally:
+        parent.end("FINISHED" if finished else "KILLED")
     return result

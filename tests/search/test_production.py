@@ -53,14 +53,16 @@ def sweep(ray_address, mlflow_server, tmp_path_factory):
     return run_sweep(spec, tracking_uri=mlflow_server, storage=str(storage), cache_dir=cache, progress=False)
 
 
-def test_pareto_cli_prints_the_front_and_logs_the_plots(sweep, mlflow_server, capsys):
+def test_the_sweep_logs_its_front_and_the_cli_redraws_it(sweep, mlflow_server, capsys):
+    client = MlflowClient(mlflow_server)
+    assert sweep.pareto["front"] and sweep.best(1)[0].trial_id in sweep.pareto["front"]
+    assert {a.path for a in client.list_artifacts(sweep.parent_run_id, "pareto")} == {"pareto/pareto.png", "pareto/pareto.html"}
     assert main(["pareto", sweep.path]) == 0
     out = capsys.readouterr().out
     assert "Pareto front on score, params" in out and "hypervolume" in out
     best = sweep.best(1)[0]
     assert best.trial_id in out  # the best-scoring trial is always on the front
     assert os.path.isfile(f"{sweep.path}/pareto/pareto.png") and os.path.isfile(f"{sweep.path}/pareto/pareto.html")
-    client = MlflowClient(mlflow_server)
     artifacts = {a.path for a in client.list_artifacts(sweep.parent_run_id, "pareto")}
     assert artifacts == {"pareto/pareto.png", "pareto/pareto.html"}
     parent = client.get_run(sweep.parent_run_id)
