@@ -9,7 +9,7 @@ import yaml
 from craft.hub import TINY_MODEL, load_model
 from search.cli import main
 from search.space import Domain, parse_domain
-from search.spec import check_against_model, load_sweep_spec
+from search.spec import check_against_model, load_sweep_spec, spec_from_dict
 from spaces import preset_path
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -97,12 +97,24 @@ def test_plain_blocks_are_not_domains():
         ({"search__grace_period": 20}, "exceeds search.max_budget"),
         ({"resources": {"gpu": -1}}, "resources.gpu must be a number >= 0"),
         ({"search__points_to_evaluate": [{"train.head_lr": 0.1}]}, "not search domains"),
+        ({"export": {"max_steps": 100, "epochs": 2}}, "set export.max_steps or export.epochs, not both"),
+        ({"export": {"epochs": 0}}, "export.epochs must be a positive number"),
+        ({"export": {"steps": 10}}, "unknown key(s) ['steps'] in the export block"),
     ],
 )
 def test_invalid_specs_fail_in_one_line(tmp_path, changes, message):
     path = _write(tmp_path, _with(**changes))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         load_sweep_spec(path)
+
+
+def test_a_spec_round_trips_through_its_dict_with_the_export_block(tmp_path):
+    spec = load_sweep_spec(_write(tmp_path, _with(export={"max_steps": 500, "save_merged": False})))
+    again = spec_from_dict(spec.to_dict())
+    assert again.export.max_steps == 500 and again.export.save_merged is False and again.name == spec.name
+    assert again.domains.keys() == spec.domains.keys() and again.search == spec.search
+    with pytest.raises(ValueError, match="a sweep spec must be a mapping"):
+        spec_from_dict(["not", "a", "spec"])
 
 
 def test_ranks_above_the_model_axis_are_refused():
