@@ -114,7 +114,10 @@ def train_distributed(
         check_tracking_uri(uri)
         run.tracking.uri = uri  # the workers log where the driver does
     del prepare_job(run).adapted  # every input check, before an MLflow run exists
-    connect_ray(address)
+    # gloo picks its network interface by resolving the host name, which on some machines names an
+    # address that is not theirs: the workers then wait for each other until a 30-minute timeout.
+    # On a Ray started here every worker is on this machine, so loopback is always right.
+    connect_ray(address, local_env={"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")})
     use_gpu = run.train.device in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) >= workers
     if run.train.device.startswith("cuda") and not use_gpu:
         raise ValueError(

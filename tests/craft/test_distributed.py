@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))  # fail, never hang
     try:
         device = torch.device("cpu")
         assert distributed.world_size() == 2 and distributed.rank() == rank and distributed.is_main() == (rank == 0)
