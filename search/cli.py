@@ -77,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--top", type=int, default=5, help="best trials shown at the end (default 5)")
     w.set_defaults(func=_sweep)
 
+    c = sub.add_parser("cluster", help="a multi-node Ray cluster and an MLflow server on this machine (up, down, status)")
+    c.add_argument("action", choices=["up", "down", "status"])
+    c.add_argument("--local", action="store_true", help="on 127.0.0.1 (the only kind this command starts; cloud: cluster/*.yaml)")
+    c.add_argument("--workers", type=int, default=2, help="worker nodes, each a separate ray start process (default 2)")
+    c.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs of each worker node (default 1)")
+    c.add_argument("--head-cpus", type=float, default=0.0, help="CPUs the head offers to trials (default 0: it coordinates)")
+    c.add_argument("--no-mlflow", action="store_true", help="do not start an MLflow tracking server")
+    c.add_argument(
+        "--state-dir", default="runs/cluster", help="where cluster.json, the logs and the MLflow store go (default runs/cluster)"
+    )
+    c.set_defaults(func=_cluster)
+
     f = sub.add_parser(
         "pareto", help="a sweep's Pareto front (score vs adapter parameters): table, hypervolume, PNG and HTML plots"
     )
@@ -300,6 +312,47 @@ def _export(args: argparse.Namespace) -> int:
         print(f"  {item.path}  trial {t.trial_id} {t.method} score {t.score:.4f} {t.adapter_parameters:,} params")
     print(f"train one with: craft-search train {exported[0].path} [--workers N]")
     return 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from cluster.local import down, read_state, up
+
+    if args.action == "up":
+        if not args.local:
+            raise ValueError(
+                "craft-search cluster up starts local clusters only (--local); for AWS or GCP run "
+                "ray up cluster/aws.yaml or cluster/gcp.yaml, on Kubernetes apply cluster/kuberay/*.yaml"
+            )
+        cluster = up(args.workers, worker_cpus=args.worker_cpus, head_cpus=args.head_cpus,
+                     state_dir=args.state_dir, mlflow=not args.no_mlflow)  # fmt: skip
+        print(format_cluster(cluster))
+        print(f"sweep on it:  craft-search sweep SPEC --address {cluster.ray_address}"
+              + (f" --tracking-uri {cluster.mlflow_uri}" if cluster.mlflow_uri else ""))  # fmt: skip
+        print(f"stop it:      craft-search cluster down --state-dir {args.state_dir}")
+        return 0
+    if args.action == "down":
+        cluster, stopped = down(args.state_dir)
+        own = len({p.pid for p in cluster.processes} & set(stopped))
+        print(f"stopped the cluster at {cluster.ray_address}: {own} processes started by up "
+              f"and {len(stopped) - own} below them (pids {', '.join(map(str, stopped))})")  # fmt: skip
+        return 0
+    cluster = read_state(args.state_dir)
+    if cluster is None:
+        print(f"no cluster recorded in {args.state_dir}")
+        return 1
+    print(format_cluster(cluster))
+    return 0 if len(cluster.running()) == len(cluster.processes) else 1
+
+
+def format_cluster(cluster) -> str:
+    """Addresses and processes of a local cluster, each process running or not."""
+    running = cluster.running()
+    lines = [f"Ray:    {cluster.ray_address}", f"MLflow: {cluster.mlflow_uri or '(not started)'}", "processes:"]
+    for p in cluster.processes:
+        node = cluster.nodes.get(p.role, "")
+        state = "running" if p in running else "gone"
+        lines.append(f"  {p.role:<10} pid {p.pid:<8} {state:<8} {('node ' + node[:12]) if node else ''}  log {p.log}")
+    return "\n".join(lines)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -162,6 +162,10 @@ def connect_ray(address: str | None, local_env: dict[str, str] | None = None) ->
     if ray.is_initialized():
         return
     address = address or _live_default_address()
+    if address and address != "local":
+        from cluster.auth import use_token_if_available
+
+        use_token_if_available()  # as Ray does by itself without an address
     runtime_env = {"env_vars": local_env} if local_env and address == "local" else None
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False, runtime_env=runtime_env)
@@ -335,11 +339,15 @@ def run_sweep(
     run_id = uuid.uuid4().hex[:8]
     cache_name = f"craft-factor-cache-{spec.name}-{run_id}"
     scratch_root = Path(tempfile.gettempdir()) / "craft-search" / f"{spec.name}-{run_id}"
-    cache = FactorCache.options(name=cache_name).remote()
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    cache = FactorCache.options(
+        name=cache_name, scheduling_strategy=here
+    ).remote()  # on the driver's node: a lost worker cannot take it
     publish_factors(cache, model, facts.factor_requests, cache_dir or spec.search.factor_cache or default_cache_dir())
     del model
-    import ray
-
     stats = ray.get(cache.stats.remote())
     parent, experiment = _parent_run(spec, uri, exp_dir, resume)
     previous = parent.client.get_run(parent.run_id).data.tags.get("craft.decompositions")
