@@ -141,34 +141,29 @@ class _NodeExited(ValueError):
         self.node = node
 
 
-def _wait_for_port(port: int, proc: Started, timeout: float) -> None:
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(uri + "/health", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _wait_until(ready, proc: Started, what: str, timeout: float) -> None:
+    """Poll ``ready()`` until true; fail in one line when ``proc`` exits or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket() as sock:
-            sock.settimeout(1)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
+    while not ready():
         if not is_running(proc.pid, proc.start_ticks):
             raise ValueError(f"{proc.role} exited while starting; see {proc.log}")
         if time.monotonic() > deadline:
-            raise ValueError(f"{proc.role} did not listen on 127.0.0.1:{port} in {timeout:.0f} s; see {proc.log}")
+            raise ValueError(f"{proc.role} did not {what} in {timeout:.0f} s; see {proc.log}")
         time.sleep(0.3)
-
-
-def _wait_for_mlflow(uri: str, proc: Started, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        if not is_running(proc.pid, proc.start_ticks):
-            raise ValueError(f"the MLflow server exited while starting; see {proc.log}")
-        if time.monotonic() > deadline:
-            raise ValueError(f"the MLflow server did not answer at {uri} in {timeout:.0f} s; see {proc.log}")
-        time.sleep(0.5)
 
 
 def _ensure_token(env: dict[str, str], log: Path) -> None:
@@ -237,7 +232,7 @@ def up(
         head = spawn("head", _node_command("head", None, port, head_cpus, object_store_mb), logs / "head.log", node_env)
         cluster.processes.append(head)
         _write_state(cluster)  # recorded at once: a failed start is still stopped by down
-        _wait_for_port(port, head, timeout)
+        _wait_until(lambda: _port_open(port), head, f"listen on 127.0.0.1:{port}", timeout)
         if mlflow:  # starts while the nodes join
             mlflow_port = _free_port()
             cluster.mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
@@ -254,7 +249,9 @@ def up(
         finally:
             watcher.close()
         if mlflow:
-            _wait_for_mlflow(cluster.mlflow_uri, cluster.process("mlflow"), timeout)
+            _wait_until(
+                lambda: _healthy(cluster.mlflow_uri), cluster.process("mlflow"), f"answer at {cluster.mlflow_uri}", timeout
+            )
         _write_state(cluster)
     except BaseException:
         stop(cluster.processes)
@@ -268,7 +265,8 @@ def _start_worker(
     cluster: LocalCluster, watcher: _Watcher, i: int, cpus: float, object_store_mb: int, env: dict[str, str], timeout: float
 ) -> dict[str, str]:
     """Start worker node ``i`` and wait until it has joined; a node that exits while starting
-    (Ray's own start-up timeout on a busy machine) is started once more."""
+    (its raylet lost a port to another process, or Ray's start-up timeout on a busy machine) is
+    started once more."""
     role = f"worker-{i}"
     command = _node_command(role, cluster.ray_address, None, cpus, object_store_mb)
     log = Path(cluster.state_dir) / "logs" / f"{role}.log"

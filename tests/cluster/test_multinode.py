@@ -7,8 +7,6 @@ with ``--address``. Node loss is a worker node's process group killed with SIGKI
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -105,21 +103,10 @@ def test_trials_run_on_both_nodes_and_the_factors_are_decomposed_once(cluster, t
     assert by_trial == {t["trial_id"]: t["node_id"] for t in summary["trials"]}  # node ids recorded per trial
 
 
-def test_a_killed_driver_resumes(cluster, tmp_path):
+def test_a_killed_driver_resumes(cluster, tmp_path, kill_driver_after):
     name = "driver-killed"
     args = _sweep_args(cluster, tmp_path, name, "search.scheduler=fifo")
-    driver = subprocess.Popen([sys.executable, "-m", "search.cli", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-    finished, seen = 0, []
-    for line in driver.stdout:
-        seen.append(line)
-        if line.startswith("[") and "/6]" in line:
-            finished += 1
-            if finished == 2:
-                os.killpg(driver.pid, signal.SIGKILL)
-                break
-    driver.wait(timeout=60)
-    assert finished == 2, "".join(seen)
+    kill_driver_after([sys.executable, "-m", "search.cli", *args], finished=2, total=6)
     resumed = _cli(*args, "--resume", timeout=600)
     assert resumed.returncode == 0 and "trials: 6 of 6" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     _check_complete(cluster, tmp_path, name, 6)

@@ -8,7 +8,6 @@ module's Ray instance with --address, killed with SIGKILL, then resumed.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -139,22 +138,12 @@ def test_a_diverging_trial_fails_alone(ray_address, cache_dir, tmp_path):
     assert client.get_run(result.parent_run_id).data.tags["craft.failed"] == "1"
 
 
-def test_a_killed_driver_resumes_without_lost_or_duplicated_trials(ray_address, mlflow_server, cache_dir, tmp_path):
+def test_a_killed_driver_resumes_without_lost_or_duplicated_trials(ray_address, mlflow_server, cache_dir, tmp_path, kill_driver_after):
     command = [
         sys.executable, "-m", "search.cli", "sweep", "smoke", "--name", "killed", "--address", ray_address,
         "--storage", str(tmp_path), "--tracking-uri", mlflow_server, "--cache-dir", str(cache_dir),
     ]  # fmt: skip
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    finished, seen = 0, []
-    for line in driver.stdout:
-        seen.append(line)
-        if line.startswith("[") and "/6]" in line:
-            finished += 1
-            if finished == 2:
-                os.killpg(driver.pid, signal.SIGKILL)
-                break
-    driver.wait(timeout=60)
-    assert finished == 2, "".join(seen)
+    kill_driver_after(command, finished=2, total=6)
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "best trials of killed" in resumed.stdout and "trials: 6 of 6" in resumed.stdout
