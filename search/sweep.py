@@ -170,7 +170,7 @@ def connect_ray(address: str | None, local_env: dict[str, str] | None = None) ->
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False, runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        where = f"at {address}" if address else "locally"
+        where = f"at {address}" if address and address != "local" else "locally"
         raise ValueError(f"cannot start or reach Ray {where} ({str(err).splitlines()[0]}); check --address") from None
 
 
