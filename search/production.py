@@ -10,6 +10,7 @@ merged model, metrics); the driver closes the run.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import uuid
@@ -56,6 +57,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
     job = run_job(run, callback=report if tracker else None, resume=config["resume"], progress=False)
     if tracker is not None:
         log_job(tracker, job)
+    # Ray Train destroys the process group after this returns. A DDP reducer still alive then (in
+    # a reference cycle) would destroy the group itself while holding the GIL, and deadlock with
+    # gloo's worker thread: collect every one while the group is registered.
+    del job
+    gc.collect()
 
 
 def _check_cluster(workers: int, cpus: float, use_gpu: bool) -> None:

@@ -3,6 +3,7 @@ whole batch, for batches that split evenly, unevenly, and smaller than the world
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from datetime import timedelta
@@ -30,21 +31,25 @@ def _batches() -> list[dict[str, torch.Tensor]]:
     return [{"x": torch.randn(n, 4, generator=g), "y": torch.randint(0, 3, (n,), generator=g)} for n in (4, 3, 1)]
 
 
+def _step(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One DDP step on this rank's shard: the global loss and the averaged gradients. The DDP
+    wrapper (and its reducer) is freed on return, while the process group is still registered."""
+    model = _model()
+    ddp = distributed.wrap(model, device)
+    local, weight = distributed.shard(batch)
+    loss = _loss(ddp, local)
+    value = distributed.sum_across([loss.item() * weight], device)[0] / 2
+    (loss * weight).backward()
+    return value, model.weight.grad.clone(), model.bias.grad.clone()
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))  # fail, never hang
     try:
         device = torch.device("cpu")
         assert distributed.world_size() == 2 and distributed.rank() == rank and distributed.is_main() == (rank == 0)
-        results = []
-        for batch in _batches():
-            model = _model()
-            ddp = distributed.wrap(model, device)
-            local, weight = distributed.shard(batch)
-            loss = _loss(ddp, local)
-            value = distributed.sum_across([loss.item() * weight], device)[0] / 2
-            (loss * weight).backward()
-            results.append((value, model.weight.grad.clone(), model.bias.grad.clone()))
+        results = [_step(batch, device) for batch in _batches()]
         assert distributed.broadcast_flag(rank == 0, device) is True  # rank 0's decision everywhere
         try:
             distributed.check_same(rank, "the rank", device)
@@ -57,6 +62,9 @@ def _worker(rank: int, port: int, out: str) -> None:
                 tensors.update({f"{i}.value": torch.tensor([value]), f"{i}.weight": weight_grad, f"{i}.bias": bias_grad})
             save_file(tensors, out)
     finally:
+        # A DDP reducer that outlives the group destroys it while holding the GIL, and deadlocks
+        # with gloo's worker thread: every reducer is gone before the group is.
+        gc.collect()
         dist.destroy_process_group()
 
 
