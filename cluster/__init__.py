@@ -1,3 +1,6 @@
-"""Getting Ray and MLflow up: local multi-node clusters, cloud and KubeRay configs."""
+"""Getting Ray and MLflow up: local multi-node clusters (``up`` / ``down``), and the cloud and
+KubeRay configs beside this package (``aws.yaml``, ``gcp.yaml``, ``kuberay/``)."""
 
-__all__: list[str] = []
+from .local import LocalCluster, down, read_state, stop_node, up
+
+__all__ = ["LocalCluster", "up", "down", "read_state", "stop_node"]
