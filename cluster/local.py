@@ -26,6 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .connect import last_cluster_note, use_token_if_available
 from .processes import Started, is_running, spawn, stop
 
 __all__ = ["DEFAULT_STATE_DIR", "STATE_FILE", "LocalCluster", "up", "down", "read_state", "stop_node"]
@@ -102,8 +103,6 @@ class _Watcher:
     def __init__(self, address: str):
         import ray
 
-        from .auth import use_token_if_available
-
         use_token_if_available()  # the nodes were started with RAY_AUTH_MODE=token
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 
@@ -136,9 +135,10 @@ class _Watcher:
 
 
 class _NodeExited(ValueError):
+    """A process of the cluster exited while starting."""
+
     def __init__(self, node: Started):
         super().__init__(f"{node.role} exited while starting; see {node.log}")
-        self.node = node
 
 
 def _port_open(port: int) -> bool:
@@ -160,7 +160,7 @@ def _wait_until(ready, proc: Started, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if not is_running(proc.pid, proc.start_ticks):
-            raise ValueError(f"{proc.role} exited while starting; see {proc.log}")
+            raise _NodeExited(proc)
         if time.monotonic() > deadline:
             raise ValueError(f"{proc.role} did not {what} in {timeout:.0f} s; see {proc.log}")
         time.sleep(0.3)
@@ -286,17 +286,10 @@ def _start_worker(
 
 
 def _forget_current_cluster(address: str) -> None:
-    """Remove Ray's ``ray_current_cluster`` note when it names this cluster (as ``ray stop`` does),
-    so a later plain ``ray.init()`` does not try to join a stopped cluster. Ray writes the head's
-    port with the machine's own IP (it never advertises 127.0.0.1), so the port identifies it."""
-    try:
-        from ray._private.utils import get_ray_address_file
-
-        note = Path(get_ray_address_file(None))
-    except ImportError:
-        import tempfile
-
-        note = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    """Remove Ray's note of the last cluster when it names this one (as ``ray stop`` does), so a
+    later plain ``ray.init()`` does not try to join a stopped cluster. Ray writes the head's port
+    with the machine's own IP (it never advertises 127.0.0.1), so the port identifies it."""
+    note = last_cluster_note()
     try:
         if note.read_text().strip().rpartition(":")[2] == address.rpartition(":")[2]:
             note.unlink()

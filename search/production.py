@@ -107,8 +107,9 @@ def train_distributed(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.connect import connect_ray
+
     from .runner import open_tracker
-    from .sweep import connect_ray
 
     if workers < 2:
         raise ValueError(f"--workers must be at least 2 for data-parallel training, got {workers}; leave it out for one process")

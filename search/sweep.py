@@ -15,8 +15,6 @@ import json
 import math
 import os
 import shutil
-import socket
-import sys
 import tempfile
 import time
 import uuid
@@ -24,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.connect import connect_ray
 from craft.hub import load_model
 from craft.tasks import load_task
 
@@ -37,7 +36,6 @@ __all__ = [
     "run_sweep",
     "experiment_dir",
     "ray_storage",
-    "connect_ray",
     "SWEEP_FILE",
     "SUMMARY_FILE",
     "STUDY_FILE",
@@ -145,56 +143,6 @@ def _load_checked(spec: SweepSpec):
         return model, check_against_model(spec, model)
     except ValueError as err:
         raise ValueError(f"sweep spec {spec.path.name if spec.path else spec.name}: {err}") from None
-
-
-def connect_ray(address: str | None, local_env: dict[str, str] | None = None) -> None:
-    """Join the Ray cluster at ``address`` (None: the one initialised here, else a new local one).
-
-    Args:
-        address: a Ray address, or None.
-        local_env: environment variables for every worker of a new local Ray (ignored otherwise).
-
-    Raises:
-        ValueError: the cluster cannot be reached or started, in one line.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or _live_default_address()
-    if address and address != "local":
-        from cluster.auth import use_token_if_available
-
-        use_token_if_available()  # as Ray does by itself without an address
-    runtime_env = {"env_vars": local_env} if local_env and address == "local" else None
-    try:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False, runtime_env=runtime_env)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        where = f"at {address}" if address and address != "local" else "locally"
-        raise ValueError(f"cannot start or reach Ray {where} ({str(err).splitlines()[0]}); check --address") from None
-
-
-def _live_default_address() -> str | None:
-    """What ``ray.init()`` with no address should do: join the cluster of the last ``ray start``
-    on this machine, as Ray does, or start a new local one ("local") when there is none or it
-    is gone. Ray would otherwise retry a dead cluster's address for ever."""
-    if os.environ.get("RAY_ADDRESS"):
-        return None  # Ray's own choice, as asked
-    try:
-        from ray._private.services import find_bootstrap_address
-
-        last = find_bootstrap_address(None)  # /tmp/ray/ray_current_cluster
-    except (ImportError, OSError):
-        return None
-    if not last:
-        return "local"
-    host, _, port = last.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=2).close()
-    except (OSError, ValueError):
-        print(f"craft-search: the last Ray cluster ({last}) is gone; starting a local one", file=sys.stderr)
-        return "local"
-    return None
 
 
 def _check_resources(spec: SweepSpec) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from search.sweep import _live_default_address
+from cluster.connect import _live_default_address
 
 
 def _write_last_cluster(tmp_path, monkeypatch, address: str) -> None:
