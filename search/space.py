@@ -181,12 +181,14 @@ class SpaceSampler:
         fixed: dotted path -> value for the rank keys the spec fixes (priced under a budget).
         costs: method -> :class:`TargetCost` on the sweep's model (needed with a budget).
         max_adapter_params: the budget, or None.
+        overrides: method -> the global ``train.*`` keys its own block sets (not sampled for it).
     """
 
     domains: dict[str, Domain]
     fixed: dict[str, Any] = field(default_factory=dict)
     costs: dict[str, TargetCost] = field(default_factory=dict)
     max_adapter_params: int | None = None
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def methods(self) -> list[str]:
         """The methods a trial may get."""
@@ -199,15 +201,25 @@ class SpaceSampler:
         method = method_domain.suggest(trial, METHOD_KEY) if method_domain else self.fixed.get(METHOD_KEY, "craft")
         values[METHOD_KEY] = method
         ranks = RANK_KEYS.get(method, ())
-        for path, domain in self.domains.items():
-            block = path.split(".", 1)[0]
-            if path == METHOD_KEY or path in ranks or (block in METHODS and block != method):
-                continue
-            values[path] = domain.suggest(trial, path)
+        for path in self.keys_for(method):
+            if path != METHOD_KEY and path not in ranks:
+                values[path] = self.domains[path].suggest(trial, path)
         for path in ranks:  # last, so the budget can bound each one
             if path in self.domains:
                 values[path] = self.domains[path].suggest(trial, path, self._rank_bound(method, path, values))
         return values
+
+    def keys_for(self, method: str) -> list[str]:
+        """The domains a trial of ``method`` samples: not other methods' blocks, not the global
+        ``train.*`` keys its own block overrides."""
+        overridden = self.overrides.get(method, ())
+        keys = []
+        for path in self.domains:
+            block = path.split(".", 1)[0]
+            if path in overridden or (block in METHODS and block != method):
+                continue
+            keys.append(path)
+        return keys
 
     def _rank_bound(self, method: str, path: str, values: dict[str, Any]) -> int | None:
         if self.max_adapter_params is None:

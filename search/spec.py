@@ -27,7 +27,7 @@ from typing import Any
 
 from craft.budget import module_shapes
 from craft.factors import check_ranks
-from craft.runconfig import METHODS, RunConfig, apply_overrides, check_keys, read_yaml_mapping
+from craft.runconfig import METHODS, RunConfig, TrainBlock, apply_overrides, check_keys, read_yaml_mapping
 from craft.targets import find_targets
 
 from .space import METHOD_KEY, RANK_KEYS, Domain, SpaceSampler, TargetCost, find_domains
@@ -42,9 +42,12 @@ __all__ = [
     "load_sweep_spec",
     "spec_from_dict",
     "check_against_model",
+    "describe_methods",
 ]
 
-SCHEDULERS = ("asha", "fifo")
+SCHEDULERS = ("moasha", "asha", "fifo")
+OVERRIDE_BLOCK = "train"  # a method's block may hold train.* values and domains for that method's trials
+FIXED_BY_SWEEP = ("max_steps", "epochs", "eval_every")  # the sweep sets these for every trial alike
 SAMPLERS = ("tpe", "random", "nsga2")
 
 
@@ -61,9 +64,11 @@ class SearchBlock:
 
     num_samples: int = 8  # trials in all
     max_concurrent_trials: int = 2  # trials running at once
-    scheduler: str = "asha"  # asha (early stopping on the eval score) or fifo (every trial runs its budget)
-    grace_period: int | None = None  # optimiser steps before ASHA may stop a trial (default: train.eval_every)
-    reduction_factor: int = 2  # ASHA keeps 1 / reduction_factor of the trials at each rung
+    # moasha (stops at rungs by Pareto rank on score and adapter size), asha (by score alone) or fifo
+    # (every trial runs its budget); default: moasha when trials can differ in adapter size, else asha
+    scheduler: str | None = None
+    grace_period: int | None = None  # optimiser steps before a trial may be stopped: the first rung (default: train.eval_every)
+    reduction_factor: int = 2  # 1 / reduction_factor of the trials at each rung go on
     max_budget: int | None = None  # optimiser steps of a full trial (sets train.max_steps)
     seed: int = 0  # the sampler's seed
     sampler: str = "tpe"  # tpe, random or nsga2 (Optuna, multi-objective)
@@ -72,6 +77,8 @@ class SearchBlock:
     points_to_evaluate: list[dict] | None = None  # configs tried first, by dotted key
     storage: str | None = None  # where Ray Tune keeps results (default: ./runs/sweeps)
     factor_cache: str | None = None  # directory of cached HOSVD factors (default: ~/.cache/craft-search/factors)
+    warm_start: str | None = None  # an earlier sweep (name, path or runs:/ID) whose complete trials seed the study
+    max_total_steps: int | None = None  # stop the sweep once its trials have run this many optimiser steps in all
 
     def __post_init__(self) -> None:
         _int_at_least(self.num_samples, 1, "search.num_samples")
@@ -81,9 +88,12 @@ class SearchBlock:
         _int_at_least(self.max_budget, 1, "search.max_budget", allow_none=True)
         _int_at_least(self.max_adapter_params, 0, "search.max_adapter_params", allow_none=True)
         _int_at_least(self.max_failures, 0, "search.max_failures")
+        _int_at_least(self.max_total_steps, 1, "search.max_total_steps", allow_none=True)
+        if self.warm_start is not None and (not isinstance(self.warm_start, str) or not self.warm_start.strip()):
+            raise ValueError(f"search.warm_start must name a sweep (its name, results directory or runs:/ID), got {self.warm_start!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"search.seed must be an integer, got {self.seed!r}")
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"search.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"search.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
@@ -197,7 +207,18 @@ class SweepSpec:
 
     def sampler(self, costs: dict[str, TargetCost] | None = None) -> SpaceSampler:
         """The define-by-run space for Optuna (``costs`` from :func:`check_against_model`)."""
-        return SpaceSampler(dict(self.domains), self.fixed_values(), dict(costs or {}), self.search.max_adapter_params)
+        return SpaceSampler(
+            dict(self.domains), self.fixed_values(), dict(costs or {}), self.search.max_adapter_params, self.method_overrides()
+        )
+
+    def method_overrides(self) -> dict[str, tuple[str, ...]]:
+        """Method -> the ``train.*`` keys its block sets for its trials (values or domains)."""
+        found = {}
+        for method in self.methods:
+            block = self.base.get(method)
+            if isinstance(block, dict) and isinstance(block.get(OVERRIDE_BLOCK), dict):
+                found[method] = tuple(f"{OVERRIDE_BLOCK}.{key}" for key in block[OVERRIDE_BLOCK])
+        return found
 
     def run_data(self, values: dict[str, Any], output_dir: str | None = None) -> dict[str, Any]:
         """The run config of one trial as plain data: domains set to ``values``, other methods' blocks dropped."""
@@ -205,6 +226,9 @@ class SweepSpec:
         for path, value in values.items():
             _set(data, path, value)
         method = data.get(METHOD_KEY, "craft")
+        block = data.get(method)
+        if isinstance(block, dict) and OVERRIDE_BLOCK in block:  # the method's own train settings win
+            data.setdefault(OVERRIDE_BLOCK, {}).update(block.pop(OVERRIDE_BLOCK))
         for other in METHODS:
             if other != method:
                 data.pop(other, None)
@@ -299,6 +323,9 @@ def _build(data: dict, path: Path | None, name: str | None) -> SweepSpec:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    _check_method_overrides(base)
+    if search.scheduler is None:
+        search.scheduler = "moasha" if _sizes_vary(domains) else "asha"
     spec = SweepSpec(
         name=str(name or data.get("name") or (path.stem if path else "sweep")),
         base=base,
@@ -316,6 +343,33 @@ def _build(data: dict, path: Path | None, name: str | None) -> SweepSpec:
         if unknown:
             raise ValueError(f"search.points_to_evaluate names {unknown}, which are not search domains {sorted(domains)}")
     return spec
+
+
+def _check_method_overrides(base: dict) -> None:
+    """A method's ``train`` block: a mapping of train keys, none of those the sweep fixes."""
+    known = {f.name for f in fields(TrainBlock)}
+    for method in METHODS:
+        block = base.get(method)
+        if not isinstance(block, dict) or OVERRIDE_BLOCK not in block:
+            continue
+        where = f"{method}.{OVERRIDE_BLOCK}"
+        overrides = block[OVERRIDE_BLOCK]
+        if method == "head":
+            raise ValueError(f"{where}: the head method has no settings block; set train.* for it globally")
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{where} must map train keys to values or domains, got {type(overrides).__name__}")
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"{where} names unknown train key(s) {unknown}; valid keys are {sorted(known)}")
+        fixed = sorted(set(overrides) & set(FIXED_BY_SWEEP))
+        if fixed:
+            raise ValueError(f"{where}.{fixed[0]} cannot differ per method: every trial runs search.max_budget steps")
+
+
+def _sizes_vary(domains: dict[str, Domain]) -> bool:
+    """Whether two trials of this space can differ in adapter size (then the front has two objectives)."""
+    rank_keys = {k for keys in RANK_KEYS.values() for k in keys}
+    return any(p == METHOD_KEY or p in rank_keys or p.endswith(".target_modules") for p in domains)
 
 
 @dataclass(frozen=True)
@@ -389,3 +443,26 @@ def _default_rank(key: str) -> int:
 
     defaults = {"lora.r": LoraBlock.r, "pissa.r": PissaBlock.r, "vera.r": VeraBlock.r}
     return defaults.get(key, 1)
+
+
+def describe_methods(spec: SweepSpec, costs: dict[str, TargetCost]) -> list[str]:
+    """One line per method before a sweep starts: its adapter sizes on this model (under the
+    parameter budget) and the train settings its own block sets."""
+    budget = spec.search.max_adapter_params
+    lines = []
+    for method in spec.methods:
+        ranks = RANK_KEYS.get(method, ())
+        ends = [costs[method].price(method, {k: pick(_candidates(spec, k, _default_rank(k))) for k in ranks}) for pick in (min, max)]
+        if budget is not None:
+            ends[1] = min(ends[1], budget)
+        sizes = f"{ends[0]:,}" if ends[0] == ends[1] else f"{ends[0]:,} to {ends[1]:,}"
+        line = f"  {method}: {sizes} adapter parameters" + (f" (budget {budget:,})" if budget is not None else "")
+        block = spec.base.get(method)
+        own = block.get(OVERRIDE_BLOCK) if isinstance(block, dict) else None
+        if own:
+            shown = ", ".join(f"{k}={spec.domains[f'{method}.{OVERRIDE_BLOCK}.{k}'].to_dict() if f'{method}.{OVERRIDE_BLOCK}.{k}' in spec.domains else v}"
+                              for k, v in own.items())  # fmt: skip
+            line += f"; its own train settings: {shown}"
+        lines.append(line)
+    return lines
+

@@ -100,6 +100,13 @@ def test_plain_blocks_are_not_domains():
         ({"export": {"max_steps": 100, "epochs": 2}}, "set export.max_steps or export.epochs, not both"),
         ({"export": {"epochs": 0}}, "export.epochs must be a positive number"),
         ({"export": {"steps": 10}}, "unknown key(s) ['steps'] in the export block"),
+        ({"search__scheduler": "hyperband"}, "search.scheduler must be one of moasha, asha, fifo"),
+        ({"search__max_total_steps": 0}, "search.max_total_steps must be an integer >= 1"),
+        ({"search__warm_start": ""}, "search.warm_start must name a sweep"),
+        ({"lora__train": {"lr_decay": 0.1}}, "lora.train names unknown train key(s) ['lr_decay']"),
+        ({"lora__train": {"max_steps": 4}}, "lora.train.max_steps cannot differ per method"),
+        ({"lora__train": {"lr": {"float": [-1.0, 1.0]}}}, "train.lr must be a positive number"),
+        ({"lora__train": [1, 2]}, "lora.train must map train keys to values or domains"),
     ],
 )
 def test_invalid_specs_fail_in_one_line(tmp_path, changes, message):
@@ -171,6 +178,8 @@ def test_factor_requests_take_the_largest_ranks_of_the_space():
     [
         ({"craft__rank_out": {"int": [2, 64]}}, "exceeds the out axis"),
         ({"sched": 1}, "unknown key(s) ['sched']"),
+        ({"search__scheduler": "median"}, "search.scheduler must be one of moasha, asha, fifo"),
+        ({"craft__train": {"learning_rate": 1.0e-3}}, "craft.train names unknown train key(s) ['learning_rate']"),
         ({"train__lr": {"float": [1.0e-3]}}, "float needs [lo, hi]"),
     ],
 )
@@ -213,3 +222,58 @@ def test_a_target_domain_asks_the_cache_for_each_target_set():
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
     drawn = {tuple(spec.sampler(facts.costs)(study.ask())["craft.target_modules"]) for _ in range(12)}
     assert drawn == {("query", "value"), ("query", "key", "value")}  # lists travel through Optuna as JSON and back
+
+
+def test_the_default_scheduler_is_moasha_when_trials_differ_in_size(tmp_path):
+    assert load_sweep_spec(_write(tmp_path, BASE)).search.scheduler == "moasha"  # method and ranks searched
+    one_size = _with(method="lora", lora={"r": 4}, craft=None)
+    assert load_sweep_spec(_write(tmp_path, one_size, "one.yaml")).search.scheduler == "asha"  # only train.lr searched
+    chosen = _with(search__scheduler="fifo")
+    assert load_sweep_spec(_write(tmp_path, chosen, "fifo.yaml")).search.scheduler == "fifo"
+
+
+def test_a_methods_own_train_settings_replace_the_shared_ones(tmp_path):
+    data = _with(lora__train={"lr": {"float": [1.0e-4, 1.0e-3], "log": True}, "head_lr": 0.02})
+    spec = load_sweep_spec(_write(tmp_path, data))
+    assert {m: set(k) for m, k in spec.method_overrides().items()} == {"lora": {"train.lr", "train.head_lr"}}
+    sampler = spec.sampler()
+    assert "train.lr" not in sampler.keys_for("lora") and "lora.train.lr" in sampler.keys_for("lora")
+    assert "train.lr" in sampler.keys_for("craft") and "lora.train.lr" not in sampler.keys_for("craft")
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(30):
+        values = sampler(study.ask())
+        seen.add(values["method"])
+        run = spec.run_config(values)
+        if values["method"] == "lora":
+            assert "train.lr" not in values and 1e-4 <= values["lora.train.lr"] <= 1e-3
+            assert run.train.lr == values["lora.train.lr"] and run.train.head_lr == 0.02
+        else:
+            assert "lora.train.lr" not in values and run.train.lr == values["train.lr"] and run.train.head_lr == 1e-3
+    assert seen == {"craft", "lora"}
+    again = spec_from_dict(spec.to_dict())  # sweep.json keeps the overrides
+    assert again.method_overrides() == spec.method_overrides() and again.domains == spec.domains
+
+
+def test_an_export_carries_the_methods_own_settings(tmp_path):
+    from search.export import export_configs, parse_pick
+    from search.pareto import ParetoTrial, SweepTable
+
+    spec = load_sweep_spec(_write(tmp_path, _with(lora__train={"lr": {"float": [1.0e-4, 1.0e-3], "log": True}})))
+    config = {"method": "lora", "lora.r": 4, "lora.train.lr": 5.0e-4}
+    trial = ParetoTrial("t1", "lora", "complete", 0.8, 4096, step=8, config=config)
+    table = SweepTable(name="s", source="hand-made", trials=[trial], spec=spec.to_dict())
+    [exported] = export_configs(table, parse_pick("best"), tmp_path / "export", output_root=str(tmp_path / "prod"))
+    written = yaml.safe_load(exported.path.read_text())
+    assert written["train"]["lr"] == 5.0e-4 and written["lora"] == {**written["lora"], "r": 4} and "train" not in written["lora"]
+
+
+def test_the_sweep_says_each_methods_sizes_and_own_settings(tmp_path):
+    from search.spec import describe_methods
+
+    spec = load_sweep_spec(_write(tmp_path, _with(lora__train={"lr": 5.0e-4}, craft__rank_in=16)))
+    costs = check_against_model(spec, load_model(TINY_MODEL, num_labels=3)).costs
+    craft_line, lora_line = describe_methods(spec, costs)
+    # tiny-random: 4 layers, 32 wide, query and value; CRAFT 2 * (r_l^2 + r_o^2 + 16^2), LoRA r * 8 modules * (32 + 32)
+    assert craft_line == f"  craft: {2 * (1 + 4 + 256):,} to {2 * (16 + 1024 + 256):,} adapter parameters"
+    assert lora_line == f"  lora: {1 * 8 * 64:,} to {8 * 8 * 64:,} adapter parameters; its own train settings: lr=0.0005"
