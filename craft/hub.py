@@ -75,7 +75,8 @@ def load_model(
     Args:
         name_or_path: a local directory, a hub id, ``demo``, or ``tiny-random``.
         num_labels: None for the bare model (``AutoModel``), else the label count of a
-            sequence-classification head (1 for regression).
+            sequence-classification head (1 for regression); a saved head of another size is
+            replaced by a new one.
         trust_remote_code: run code shipped with the model (off unless asked for).
         label_names: class names in label-id order, written into the model config.
 
@@ -93,8 +94,9 @@ def load_model(
     try:
         if num_labels is None:
             return AutoModel.from_pretrained(target, trust_remote_code=trust_remote_code)
+        # A classifier saved for another label count gets a new head for this task (the head is trained anyway).
         return AutoModelForSequenceClassification.from_pretrained(
-            target, num_labels=num_labels, trust_remote_code=trust_remote_code, **labels
+            target, num_labels=num_labels, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, **labels
         )
     except (OSError, ValueError) as err:
         raise _load_error("model", name_or_path, err) from None
