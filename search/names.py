@@ -12,6 +12,7 @@ __all__ = [
     "PRUNED_TAG",
     "CONFIG_TAG",
     "TRAIN_SECONDS",
+    "REPORTED_AT",
 ]
 
 SCORE = "score"  # the first evaluation split's score at this evaluation (ASHA's metric)
@@ -19,6 +20,7 @@ FINAL_SCORE = "final_score"  # the score at the end of the full budget: only in 
 ADAPTER_PARAMETERS = "adapter_parameters"  # trainable parameters outside the head (minimised)
 STEP = "step"  # optimiser steps done (ASHA's time attribute)
 ELAPSED = "elapsed_s"  # seconds of training so far
+REPORTED_AT = "reported_at"  # wall-clock time of the report (orders the reports of concurrent trials)
 TRAIN_SECONDS = "train_s"  # seconds the full training took: only in a completed trial's last report
 NODE_ID = "node_id"  # the Ray node the trial ran on
 

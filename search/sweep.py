@@ -27,7 +27,7 @@ from craft.hub import load_model
 from craft.tasks import load_task
 
 from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, SCORE, STEP, TRIAL_ID_TAG
-from .spec import SweepSpec, check_against_model
+from .spec import SweepSpec, check_against_model, describe_methods
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
 __all__ = [
@@ -263,12 +263,13 @@ def run_sweep(
         ValueError: bad input of any kind, before Ray starts; an unreachable cluster.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .callbacks import MlflowSweepCallback, ProgressCallback
     from .factor_cache import FactorCache, default_cache_dir, publish_factors
+    from .schedulers import TotalStepsStopper, make_scheduler
     from .searcher import ParetoOptunaSearch, make_sampler
     from .trainable import run_trial
+    from .warm_start import add_warm_trials, load_warm_start
 
     started = time.time()
     uri = resolve_tracking_uri(tracking_uri or spec.base.get("tracking", {}).get("uri"))
@@ -281,6 +282,13 @@ def run_sweep(
             f"a sweep named {spec.name!r} already exists in {exp_dir.parent}; pass --resume to continue it or --name to start another"
         )
     model, facts = _load_checked(spec)
+    warm = None if resume else load_warm_start(spec, storage=storage or spec.search.storage, tracking_uri=tracking_uri)
+    if progress:
+        for line in describe_methods(spec, facts.costs):
+            print(line, flush=True)
+        if warm is not None:
+            print(f"warm start from sweep {warm.sweep}: {len(warm.trials)} complete trial(s) seed the study"
+                  + (f", {warm.left_out} left out (outside this space)" if warm.left_out else ""), flush=True)  # fmt: skip
 
     connect_ray(address)
     _check_resources(spec)
@@ -307,6 +315,7 @@ def run_sweep(
         spec.resources.to_ray(),
     )
     searcher = None
+    stopper = TotalStepsStopper(spec.search.max_total_steps) if spec.search.max_total_steps else None
     if resume:
         tuner = tune.Tuner.restore(
             f"{ray_storage(spec, storage).rstrip('/')}/{spec.name}",
@@ -318,13 +327,12 @@ def run_sweep(
         searcher = ParetoOptunaSearch(
             spec.sampler(facts.costs), make_sampler(spec.search.sampler, spec.search.seed), spec.search.points_to_evaluate
         )
-        if spec.search.scheduler == "asha":
-            scheduler = ASHAScheduler(
-                time_attr=STEP, metric=SCORE, mode="max", max_t=spec.budget,
-                grace_period=spec.search.grace_period, reduction_factor=spec.search.reduction_factor,
-            )  # fmt: skip
-        else:
-            scheduler = FIFOScheduler()
+        if warm is not None:
+            add_warm_trials(searcher.study, spec, warm)
+        scheduler = make_scheduler(
+            spec.search.scheduler, max_t=spec.budget, grace_period=spec.search.grace_period,
+            reduction_factor=spec.search.reduction_factor,
+        )  # fmt: skip
         callbacks = [MlflowSweepCallback(uri, experiment, parent.run_id, spec)]
         if progress:
             callbacks.append(ProgressCallback(spec.search.num_samples))
@@ -341,6 +349,7 @@ def run_sweep(
                 name=spec.name,
                 storage_path=ray_storage(spec, storage),
                 callbacks=callbacks,
+                stop=stopper,
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 # Every checkpoint kept while the sweep runs: with num_to_keep, a killed driver's last
                 # snapshot may name one already deleted. _prune_checkpoints keeps each trial's last.
@@ -386,7 +395,8 @@ def run_sweep(
     (exp_dir / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     _save_study(searcher, exp_dir)
     parent.client.log_artifact(parent.run_id, str(exp_dir / SUMMARY_FILE))
-    finished = len(trials) >= spec.search.num_samples and result.count("unfinished") == 0
+    spent = stopper is not None and stopper.exhausted  # the compute budget ended it: finished, not interrupted
+    finished = (spent or len(trials) >= spec.search.num_samples) and result.count("unfinished") == 0
     try:
         from .pareto import load_sweep
         from .report import report_front

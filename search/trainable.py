@@ -23,7 +23,7 @@ from craft.job import PreparedData, data_key, prepare_data, prepare_job, run_job
 from craft.trainer import EvalEvent
 
 from .factor_cache import fetch_factors
-from .names import ADAPTER_PARAMETERS, ELAPSED, FINAL_SCORE, NODE_ID, SCORE, STEP, TRAIN_SECONDS
+from .names import ADAPTER_PARAMETERS, ELAPSED, FINAL_SCORE, NODE_ID, REPORTED_AT, SCORE, STEP, TRAIN_SECONDS
 from .runner import event_metrics
 from .spec import SweepSpec
 
@@ -93,7 +93,8 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, cache_name: str | None
     common = {ADAPTER_PARAMETERS: params, NODE_ID: node, "threads": threads, "started_at": started_at, "resumed": int(resumed)}
 
     def metrics_of(event: EvalEvent) -> dict[str, Any]:
-        return {**event_metrics(event), SCORE: event.metrics["score"], STEP: event.step, ELAPSED: event.elapsed, **common}
+        return {**event_metrics(event), SCORE: event.metrics["score"], STEP: event.step, ELAPSED: event.elapsed,
+                REPORTED_AT: time.time(), **common}  # fmt: skip
 
     def checkpoint() -> tune.Checkpoint:
         return tune.Checkpoint.from_directory(str(scratch / "checkpoint"))

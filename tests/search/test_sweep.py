@@ -73,7 +73,7 @@ def test_smoke_sweep_runs_every_trial(smoke):
     }
 
 
-def test_asha_stops_trials_and_optuna_records_them_as_pruned(smoke):
+def test_early_stopped_trials_reach_optuna_as_pruned(smoke):
     assert smoke.count("pruned") >= 1
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{smoke.path}/{STUDY_FILE}")
     states = [t.state.name for t in study.trials]
@@ -193,3 +193,61 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(ray_address, cach
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "trials: 6 of 6" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+def _rung_scores(result, step: int) -> list[float]:
+    """Each trial's score in its report at ``step`` (Ray's result.json in the trial's directory)."""
+    scores = []
+    for t in result.trials:
+        with open(f"{t.path}/result.json") as handle:
+            rows = [json.loads(line) for line in handle]
+        scores.append(next(r[SCORE] for r in rows if r["step"] == step))
+    return scores
+
+
+def _front_spec(name: str, scheduler: str):
+    """Three trials one at a time, in this order, stopped or not at one rung (step 8 of 16)."""
+    lora = {"method": "lora", "lora.r": 8}
+    spec = _smoke(name, ["search.num_samples=3", "search.max_concurrent_trials=1", "search.max_budget=16",
+                         "search.grace_period=8", "search.reduction_factor=2", f"search.scheduler={scheduler}"])  # fmt: skip
+    spec.search.points_to_evaluate = [
+        {**lora, "train.lr": 3.0e-3, "train.head_lr": 3.0e-2},  # big
+        {**lora, "train.lr": 1.0e-2, "train.head_lr": 1.0e-2},  # as big, and worse at the rung
+        {"method": "craft", "craft.rank_layers": 1, "craft.rank_out": 1, "craft.rank_in": 1,
+         "craft.init_scale": 0.0, "train.lr": 1.0e-2, "train.head_lr": 1.0},  # 6 parameters, a head too fast for step 8
+    ]  # fmt: skip
+    return spec
+
+
+def test_moasha_lets_on_a_small_trial_that_asha_stops(ray_address, cache_dir, tmp_path):
+    runs = {}
+    for scheduler in ("asha", "moasha"):
+        runs[scheduler] = run_sweep(_front_spec(f"front-{scheduler}", scheduler), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                    storage=str(tmp_path / "runs"), cache_dir=cache_dir, progress=False)  # fmt: skip
+    for result in runs.values():  # the same three trials in the same order: the same rung scores (CPU training is deterministic)
+        assert [t.config["method"] for t in result.trials] == ["lora", "lora", "craft"]
+        assert [t.adapter_parameters for t in result.trials] == [8 * 8 * 64, 8 * 8 * 64, 2 * 3]  # tiny-random: 8 modules 32x32
+    rung = _rung_scores(runs["asha"], 8)
+    assert rung == _rung_scores(runs["moasha"], 8)
+    big, bigger_worse, small = rung
+    # ASHA (reduction factor 2) stops the third trial: its score is below the median of the two before it.
+    # MO-ASHA keeps 2 of 3: the first front is {big, small} (the second LoRA is as big and worse than the first).
+    assert bigger_worse < big and small < (big + bigger_worse) / 2, rung
+    outcomes = {k: [t.outcome for t in r.trials] for k, r in runs.items()}
+    assert outcomes["asha"][2] == "pruned" and outcomes["moasha"][2] == "complete", outcomes
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{runs['moasha'].path}/{STUDY_FILE}")
+    assert study.trials[2].state.name == "COMPLETE" and study.trials[2].values[1] == 6.0
+
+
+def test_a_warm_start_seeds_the_study_with_an_earlier_sweeps_complete_trials(smoke, mlflow_server, cache_dir, tmp_path):
+    spec = _smoke("warm", ["search.num_samples=2", f"search.warm_start={smoke.path}"])
+    result = run_sweep(spec, tracking_uri=mlflow_server, storage=str(tmp_path), cache_dir=cache_dir, progress=False)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{result.path}/{STUDY_FILE}")
+    seeded = [t for t in study.trials if t.user_attrs.get("warm_start") == "smoke"]
+    complete = {t.trial_id: t for t in smoke.trials if t.outcome == "complete"}
+    assert sorted(t.user_attrs["source_trial"] for t in seeded) == sorted(complete)
+    for t in seeded:
+        source = complete[t.user_attrs["source_trial"]]
+        assert t.state.name == "COMPLETE" and t.values == [source.score, float(source.adapter_parameters)]
+        assert t.params == {k: v for k, v in source.config.items()}  # the same space: every sampled value
+    assert len(study.trials) == len(seeded) + 2 and len(result.trials) == 2  # and the sweep's own two trials
