@@ -460,8 +460,10 @@ def describe_methods(spec: SweepSpec, costs: dict[str, TargetCost]) -> list[str]
         block = spec.base.get(method)
         own = block.get(OVERRIDE_BLOCK) if isinstance(block, dict) else None
         if own:
-            shown = ", ".join(f"{k}={spec.domains[f'{method}.{OVERRIDE_BLOCK}.{k}'].to_dict() if f'{method}.{OVERRIDE_BLOCK}.{k}' in spec.domains else v}"
-                              for k, v in own.items())  # fmt: skip
+            import yaml
+
+            flow = {k: yaml.safe_dump(v, default_flow_style=True, sort_keys=False).strip() if isinstance(v, dict) else v for k, v in own.items()}
+            shown = ", ".join(f"{k}={v}" for k, v in flow.items())
             line += f"; its own train settings: {shown}"
         lines.append(line)
     return lines
