@@ -1,6 +1,7 @@
 """Search orchestration for CRAFT: sweep specs, sweeps on Ray Tune, MLflow tracking, the CLI.
 
-Importing this package starts nothing and imports no Ray; :func:`run_sweep` does.
+Importing this package starts nothing and imports no Ray; :func:`run_sweep` does. The Ray Tune
+schedulers (MO-ASHA, ASHA, the compute budget) are in :mod:`search.schedulers`, which imports Ray.
 """
 
 from .cli import main
@@ -11,6 +12,7 @@ from .report import FrontReport, report_front
 from .space import Domain, SpaceSampler
 from .spec import ResourcesBlock, SearchBlock, SweepSpec, check_against_model, load_sweep_spec
 from .sweep import SweepResult, TrialSummary, run_sweep
+from .warm_start import WarmStart, load_warm_start
 
 __all__ = [
     "main",
@@ -24,6 +26,8 @@ __all__ = [
     "SweepResult",
     "TrialSummary",
     "run_sweep",
+    "WarmStart",
+    "load_warm_start",
     "ParetoTrial",
     "SweepTable",
     "load_sweep",

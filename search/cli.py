@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster for --workers (default: a new local one)")
     t.set_defaults(func=_train)
 
-    w = sub.add_parser("sweep", help="search CRAFT (and baseline) configs on Ray Tune with Optuna and ASHA, tracked in MLflow")
+    w = sub.add_parser("sweep", help="search CRAFT (and baseline) configs on Ray Tune with Optuna and MO-ASHA, tracked in MLflow")
     w.add_argument("spec", help="sweep spec YAML, or a shipped preset: smoke, demo, glue-roberta-base")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value, e.g. --set search.max_concurrent_trials=4 (repeatable)")  # fmt: skip

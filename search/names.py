@@ -15,10 +15,10 @@ __all__ = [
     "REPORTED_AT",
 ]
 
-SCORE = "score"  # the first evaluation split's score at this evaluation (ASHA's metric)
+SCORE = "score"  # the first evaluation split's score at this evaluation (the schedulers' metric)
 FINAL_SCORE = "final_score"  # the score at the end of the full budget: only in a completed trial's last report
 ADAPTER_PARAMETERS = "adapter_parameters"  # trainable parameters outside the head (minimised)
-STEP = "step"  # optimiser steps done (ASHA's time attribute)
+STEP = "step"  # optimiser steps done (the schedulers' time attribute)
 ELAPSED = "elapsed_s"  # seconds of training so far
 REPORTED_AT = "reported_at"  # wall-clock time of the report (orders the reports of concurrent trials)
 TRAIN_SECONDS = "train_s"  # seconds the full training took: only in a completed trial's last report
@@ -26,5 +26,5 @@ NODE_ID = "node_id"  # the Ray node the trial ran on
 
 TRIAL_ID_TAG = "craft.trial_id"  # MLflow tag: the Ray Tune trial of a child run
 OUTCOME_TAG = "craft.outcome"  # MLflow tag: complete, pruned or failed
-PRUNED_TAG = "craft.pruned"  # MLflow tag: true when ASHA stopped the trial
+PRUNED_TAG = "craft.pruned"  # MLflow tag: true when the scheduler stopped the trial early
 CONFIG_TAG = "craft.config"  # MLflow tag: the trial's sampled values, JSON by dotted key

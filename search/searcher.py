@@ -1,7 +1,7 @@
 """Optuna, multi-objective, with early-stopped trials told as pruned.
 
 Ray's ``OptunaSearch`` with a list of metrics tells Optuna COMPLETE whenever a trial ends with a
-result, so a trial ASHA stopped halfway would enter the study with a half-trained score. This
+result, so a trial the scheduler stopped halfway would enter the study with a half-trained score. This
 searcher reports ``score`` and ``adapter_parameters`` at every evaluation (Ray checks that every
 searcher metric is in every result), but tells Optuna the objectives (``final_score`` max,
 ``adapter_parameters`` min) only for a trial whose last result carries ``final_score``: the

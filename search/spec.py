@@ -310,7 +310,7 @@ def _build(data: dict, path: Path | None, name: str | None) -> SweepSpec:
     fixed_steps = _get(base, "train.max_steps")
     if search.max_budget is None:
         if fixed_steps is None:
-            raise ValueError("set search.max_budget: the optimiser steps of a full trial (ASHA's max budget)")
+            raise ValueError("set search.max_budget: the optimiser steps of a full trial (the schedulers' max budget)")
         search.max_budget = fixed_steps
     elif fixed_steps is not None and fixed_steps != search.max_budget:
         raise ValueError(f"train.max_steps={fixed_steps} differs from search.max_budget={search.max_budget}; set only one")

@@ -2,8 +2,9 @@
 
 Every input check happens before Ray starts: the spec, the tracking server, the task, the model
 and the ranks against its shapes. Then the driver fills the factor cache, opens (or, resuming,
-reopens) the MLflow parent run and runs the Tuner: ``ParetoOptunaSearch`` samples, ASHA stops,
-the trainable trains. At the end the parent run gets the summary and the experiment directory
+reopens) the MLflow parent run and runs the Tuner: ``ParetoOptunaSearch`` samples (seeded with an
+earlier sweep's trials on ``search.warm_start``), the scheduler (MO-ASHA by default,
+:mod:`search.schedulers`) stops, the trainable trains. At the end the parent run gets the summary and the experiment directory
 holds ``sweep.json`` (how to reach everything), ``summary.json`` (every trial) and
 ``optuna-study.db`` (the Optuna study, SQLite).
 """
@@ -187,7 +188,7 @@ def _summaries(results: Any) -> list[TrialSummary]:
             outcome = "failed"
         elif FINAL_SCORE in metrics:
             outcome = "complete"
-        else:  # stopped by ASHA, or left running / pending by an interrupted sweep
+        else:  # stopped early (a rung or the compute budget), or left running / pending by an interrupted sweep
             outcome = "pruned" if status == "TERMINATED" else "unfinished"
         score = metrics.get(FINAL_SCORE, metrics.get(SCORE))
         trials.append(
