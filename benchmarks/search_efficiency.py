@@ -46,7 +46,7 @@ from common import emit, log  # benchmarks/common.py, beside this script
 
 from craft.hub import load_model
 from craft.tasks import load_task, tweets_csv_path
-from search.names import ADAPTER_PARAMETERS, FINAL_SCORE, REPORTED_AT, STEP
+from search.names import ADAPTER_PARAMETERS, FINAL_SCORE, REPORTED_AT, SCORE, STEP
 from search.pareto import ParetoTrial, hypervolume
 from search.spec import check_against_model, spec_from_dict
 from search.sweep import run_sweep
@@ -163,6 +163,21 @@ def reach(points: list[tuple[float, float]], target: float) -> float | None:
     return next((c for c, hv in points if hv >= target - 1e-12), None)
 
 
+def first_rung_ties(exp_dir: Path, rung: int) -> tuple[int, int]:
+    """(trials whose score at the first rung is the rung's most common score, trials that reached it).
+
+    Many trials tied at one score (a classifier still predicting the majority class) leave ASHA
+    nothing to rank by and MO-ASHA only the adapter size."""
+    scores = []
+    for result_file in exp_dir.glob("*/result.json"):
+        at_rung = [json.loads(line) for line in result_file.read_text().splitlines()]
+        at_rung = [r[SCORE] for r in at_rung if r.get(STEP) == rung]
+        scores.extend(at_rung[:1])
+    if not scores:
+        return 0, 0
+    return max(scores.count(s) for s in set(scores)), len(scores)
+
+
 def _mean_sd(values: list[float]) -> str:
     if not values:
         return "-"
@@ -170,12 +185,23 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
+def _paired(runs: dict[str, list[dict]], done: list[dict], size: Size) -> str:
+    """The compute each run needs to reach the final HV of random+fifo with the same search seed
+    (TPE's first trials are random draws: a seed's runs start from the same configurations)."""
+    finals = {r["seed"]: at(r["curve"], size.total_steps) for r in runs.get(BASELINE, [])}
+    needs = [reach(r["curve"], finals[r["seed"]]) for r in done if r["seed"] in finals]
+    reached = [n / size.total_steps for n in needs if n is not None and n <= size.total_steps]
+    if not reached:
+        return f"not reached (0/{len(needs)})"
+    return f"{statistics.mean(reached):.0%} ({len(reached)}/{len(needs)}: " + ", ".join(f"{f:.0%}" for f in reached) + ")"
+
+
 def report(runs: dict[str, list[dict]], size: Size, reference: tuple[float, float], header: str) -> str:
     """The markdown table of hypervolume against compute, and the compute to reach the baseline."""
     fractions = (0.25, 0.4, 0.5, 0.75, 1.0)
     lines = [header, "", "| strategy | runs | " + " | ".join(f"HV at {f:.0%} compute" for f in fractions)
-             + " | compute to reach random+fifo's final HV | complete / pruned trials per run |",
-             "| --- | ---: | " + " | ".join("---:" for _ in fractions) + " | ---: | ---: |"]  # fmt: skip
+             + " | compute to reach random+fifo's mean final HV | ... its own seed's final HV | complete / pruned trials per run |",
+             "| --- | ---: | " + " | ".join("---:" for _ in fractions) + " | ---: | ---: | ---: |"]  # fmt: skip
     target = statistics.mean(at(r["curve"], size.total_steps) for r in runs.get(BASELINE, [])) if runs.get(BASELINE) else None
     for name in STRATEGIES:
         done = runs.get(name, [])
@@ -187,7 +213,12 @@ def report(runs: dict[str, list[dict]], size: Size, reference: tuple[float, floa
         need = (f"{statistics.mean(reached) / size.total_steps:.0%} ({len(reached)}/{len(done)} runs reach it)"
                 if reached else f"not reached (0/{len(done)})")  # fmt: skip
         counts = f"{statistics.mean(r['complete'] for r in done):.1f} / {statistics.mean(r['pruned'] for r in done):.1f}"
-        lines.append(f"| {name} | {len(done)} | " + " | ".join(cells) + f" | {need} | {counts} |")
+        lines.append(f"| {name} | {len(done)} | " + " | ".join(cells) + f" | {need} | {_paired(runs, done, size)} | {counts} |")
+    ties = [r["ties"] for done in runs.values() for r in done if r.get("ties")]
+    if ties:
+        tied, total = sum(t[0] for t in ties), sum(t[1] for t in ties)
+        lines.append("")
+        lines.append(f"first rung (step {size.eval_every}): {tied} of {total} trials ({tied / total:.0%}) scored the rung's most common score")
     lines.append("")
     lines.append(f"compute = optimiser steps summed over a run's trials; 100% = {size.total_steps} steps "
                  f"({size.total_steps // size.budget} full trials of {size.budget}); reference point: score 0, "
@@ -233,7 +264,17 @@ def main() -> int:
     parser.add_argument("--output", type=Path, help="append the report to this markdown file")
     parser.add_argument("--json", type=Path, help="write every run's curve here (updated after each run)")
     parser.add_argument("--plot", type=Path, help="the PNG plot (default: beside --output, else a temporary directory)")
+    parser.add_argument("--from-json", type=Path, help="report and plot the runs a --json file holds, running nothing")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        size, reference, runs = Size(**saved["size"]), tuple(saved["reference"]), saved["runs"]
+        plot_path = args.plot or args.from_json.with_suffix(".png")
+        plot(runs, size, plot_path)
+        header = (f"## search_efficiency (from {args.from_json.name}) | {size.model} | {len(runs[BASELINE])} seeds\n\n"
+                  f"- command: `python benchmarks/search_efficiency.py {shlex.join(sys.argv[1:])}`\n- plot: {plot_path}")  # fmt: skip
+        emit(report(runs, size, reference, header), args.output)
+        return 0
     size = SMOKE if args.smoke else FULL
     seeds = args.seeds or size.seeds
     root = Path(tempfile.mkdtemp(prefix="search-efficiency-"))
@@ -252,8 +293,8 @@ def main() -> int:
             t0 = time.time()
             result = run_sweep(spec, progress=False)
             points = curve(Path(result.path), reference)
-            runs[name].append({"seed": seed, "curve": points, "complete": result.count("complete"),
-                               "pruned": result.count("pruned"), "wall_s": time.time() - t0})  # fmt: skip
+            runs[name].append({"seed": seed, "curve": points, "complete": result.count("complete"), "pruned": result.count("pruned"),
+                               "ties": first_rung_ties(Path(result.path), size.eval_every), "wall_s": time.time() - t0})  # fmt: skip
             log(f"{name} seed {seed}: HV {at(points, size.total_steps):.4f} at {points[-1][0]:.0f} steps, "
                 f"{result.count('complete')} complete, {result.count('pruned')} pruned, {time.time() - t0:.0f} s")  # fmt: skip
             if args.json:

@@ -396,7 +396,8 @@ def run_sweep(
     (exp_dir / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     _save_study(searcher, exp_dir)
     parent.client.log_artifact(parent.run_id, str(exp_dir / SUMMARY_FILE))
-    spent = stopper is not None and stopper.exhausted  # the compute budget ended it: finished, not interrupted
+    limit = spec.search.max_total_steps  # the compute budget ended it: finished, not interrupted (also after --resume)
+    spent = limit is not None and sum(t.step or 0 for t in trials) >= limit
     finished = (spent or len(trials) >= spec.search.num_samples) and result.count("unfinished") == 0
     try:
         from .pareto import load_sweep

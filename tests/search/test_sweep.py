@@ -251,3 +251,14 @@ def test_a_warm_start_seeds_the_study_with_an_earlier_sweeps_complete_trials(smo
         assert t.state.name == "COMPLETE" and t.values == [source.score, float(source.adapter_parameters)]
         assert t.params == {k: v for k, v in source.config.items()}  # the same space: every sampled value
     assert len(study.trials) == len(seeded) + 2 and len(result.trials) == 2  # and the sweep's own two trials
+
+
+def test_a_compute_budget_ends_the_sweep_finished(ray_address, cache_dir, tmp_path):
+    spec = _smoke("budget", ["search.num_samples=6", "search.scheduler=fifo", "search.max_budget=8", "search.max_total_steps=16"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_sweep(spec, tracking_uri=uri, storage=str(tmp_path / "runs"), cache_dir=cache_dir, progress=False)
+    steps = sum(t.step or 0 for t in result.trials)
+    # two trials of 8 steps at once spend the 16; a trial started meanwhile is stopped (pruned)
+    assert result.count("complete") >= 2 and len(result.trials) < 6 and 16 <= steps <= 16 + 8
+    assert {t.outcome for t in result.trials} <= {"complete", "pruned"}
+    assert MlflowClient(uri).get_run(result.parent_run_id).info.status == "FINISHED"
