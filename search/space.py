@@ -212,7 +212,7 @@ class SpaceSampler:
     def keys_for(self, method: str) -> list[str]:
         """The domains a trial of ``method`` samples: not other methods' blocks, not the global
         ``train.*`` keys its own block overrides."""
-        overridden = self.overrides.get(method, ())
+        overridden = getattr(self, "overrides", {}).get(method, ())  # a sampler pickled by an older sweep has none
         keys = []
         for path in self.domains:
             block = path.split(".", 1)[0]

@@ -354,8 +354,6 @@ def _check_method_overrides(base: dict) -> None:
             continue
         where = f"{method}.{OVERRIDE_BLOCK}"
         overrides = block[OVERRIDE_BLOCK]
-        if method == "head":
-            raise ValueError(f"{where}: the head method has no settings block; set train.* for it globally")
         if not isinstance(overrides, dict):
             raise ValueError(f"{where} must map train keys to values or domains, got {type(overrides).__name__}")
         unknown = sorted(set(overrides) - known)
