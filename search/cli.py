@@ -246,8 +246,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def format_sweep(result, top: int = 5) -> str:
     """The end-of-sweep report: best trials, counts, where the results are."""
+    from .layout import STUDY_FILE, SUMMARY_FILE
     from .space import describe_config
-    from .sweep import STUDY_FILE, SUMMARY_FILE
 
     lines = ["", f"best trials of {result.name} (final validation score; adapter parameters exclude the head):"]
     best = result.best(top)

@@ -23,6 +23,7 @@ import numpy as np
 
 from craft.metrics import CLASSIFICATION_METRICS, METRIC_NAMES
 
+from .layout import DEFAULT_STORAGE, SUMMARY_FILE, SWEEP_FILE
 from .names import ADAPTER_PARAMETERS, CONFIG_TAG, FINAL_SCORE, OUTCOME_TAG, SCORE, STEP, TRAIN_SECONDS, TRIAL_ID_TAG
 
 __all__ = [
@@ -208,8 +209,6 @@ def load_sweep(source: str | Path, *, storage: str | None = None, tracking_uri: 
     Raises:
         ValueError: no such sweep, in one line.
     """
-    from .sweep import DEFAULT_STORAGE, SUMMARY_FILE, SWEEP_FILE
-
     text = str(source)
     if text.startswith("runs:/"):
         from .tracking import resolve_tracking_uri
@@ -286,7 +285,6 @@ def _from_mlflow(uri: str, parent_run_id: str, path: Path | None) -> SweepTable:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from .sweep import SWEEP_FILE
     from .tracking import check_tracking_uri
 
     check_tracking_uri(uri)

@@ -42,7 +42,6 @@ __all__ = [
     "load_sweep_spec",
     "spec_from_dict",
     "check_against_model",
-    "describe_methods",
 ]
 
 SCHEDULERS = ("moasha", "asha", "fifo")
@@ -241,6 +240,19 @@ class SweepSpec:
         """The validated :class:`~craft.runconfig.RunConfig` of one trial."""
         return RunConfig.from_dict(self.run_data(values, output_dir))
 
+    def candidates(self, path: str, default: Any = None) -> list:
+        """The values that bound ``path``: its domain's candidates, or its fixed value (``default`` if unset)."""
+        if path in self.domains:
+            return self.domains[path].candidates()
+        value = _get(self.base, path)
+        return [default if value is None else value]
+
+    def size_range(self, method: str, cost: TargetCost) -> tuple[int, int]:
+        """The smallest and largest adapter of ``method`` the space allows (before a parameter budget)."""
+        ranks = RANK_KEYS.get(method, ())
+        low, high = (cost.price(method, {k: pick(self.candidates(k, _default_rank(k))) for k in ranks}) for pick in (min, max))
+        return low, high
+
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data (loadable again)."""
         return {
@@ -386,13 +398,6 @@ class ModelFacts:
     factor_requests: list[FactorRequest]
 
 
-def _candidates(spec: SweepSpec, path: str, default: Any = None) -> list:
-    if path in spec.domains:
-        return spec.domains[path].candidates()
-    value = _get(spec.base, path)
-    return [default if value is None else value]
-
-
 def check_against_model(spec: SweepSpec, model: Any) -> ModelFacts:
     """Check the spec against the base model's shapes; say what to cache and how to price trials.
 
@@ -407,7 +412,7 @@ def check_against_model(spec: SweepSpec, model: Any) -> ModelFacts:
         if method == "head":
             costs[method] = TargetCost(0, 0, 0, 0)
             continue
-        target_sets = _candidates(spec, f"{method}.target_modules")
+        target_sets = spec.candidates(f"{method}.target_modules")
         if budget is not None and len(target_sets) > 1:
             raise ValueError(f"with search.max_adapter_params, fix {method}.target_modules (a budget prices one set)")
         for targets in target_sets:
@@ -415,7 +420,7 @@ def check_against_model(spec: SweepSpec, model: Any) -> ModelFacts:
             shapes = module_shapes(model, stacks)
             costs[method] = TargetCost(len(stacks), sum(i + o for i, o in shapes), len(shapes), sum(o for _, o in shapes))
             if method == "craft":
-                highs = tuple(max(_candidates(spec, k)) for k in RANK_KEYS["craft"])
+                highs = tuple(max(spec.candidates(k)) for k in RANK_KEYS["craft"])
                 try:
                     check_ranks(stacks, highs)
                 except ValueError as err:
@@ -427,7 +432,7 @@ def check_against_model(spec: SweepSpec, model: Any) -> ModelFacts:
                 raise ValueError(
                     f"with search.max_adapter_params, give {method} ranks as int domains (a budget bounds their high end)"
                 )
-            lowest = costs[method].price(method, {k: min(_candidates(spec, k, _default_rank(k))) for k in ranks})
+            lowest = spec.size_range(method, costs[method])[0]
             if lowest > budget:
                 raise ValueError(
                     f"search.max_adapter_params={budget:,} is below the smallest {method} adapter "
@@ -441,28 +446,3 @@ def _default_rank(key: str) -> int:
 
     defaults = {"lora.r": LoraBlock.r, "pissa.r": PissaBlock.r, "vera.r": VeraBlock.r}
     return defaults.get(key, 1)
-
-
-def describe_methods(spec: SweepSpec, costs: dict[str, TargetCost]) -> list[str]:
-    """One line per method before a sweep starts: its adapter sizes on this model (under the
-    parameter budget) and the train settings its own block sets."""
-    budget = spec.search.max_adapter_params
-    lines = []
-    for method in spec.methods:
-        ranks = RANK_KEYS.get(method, ())
-        ends = [costs[method].price(method, {k: pick(_candidates(spec, k, _default_rank(k))) for k in ranks}) for pick in (min, max)]
-        if budget is not None:
-            ends[1] = min(ends[1], budget)
-        sizes = f"{ends[0]:,}" if ends[0] == ends[1] else f"{ends[0]:,} to {ends[1]:,}"
-        line = f"  {method}: {sizes} adapter parameters" + (f" (budget {budget:,})" if budget is not None else "")
-        block = spec.base.get(method)
-        own = block.get(OVERRIDE_BLOCK) if isinstance(block, dict) else None
-        if own:
-            import yaml
-
-            flow = {k: yaml.safe_dump(v, default_flow_style=True, sort_keys=False).strip() if isinstance(v, dict) else v for k, v in own.items()}
-            shown = ", ".join(f"{k}={v}" for k, v in flow.items())
-            line += f"; its own train settings: {shown}"
-        lines.append(line)
-    return lines
-

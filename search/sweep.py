@@ -27,8 +27,10 @@ from cluster.connect import connect_ray
 from craft.hub import load_model
 from craft.tasks import load_task
 
+from .layout import DEFAULT_STORAGE, STUDY_FILE, SUMMARY_FILE, SWEEP_FILE
 from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, SCORE, STEP, TRIAL_ID_TAG
-from .spec import SweepSpec, check_against_model, describe_methods
+from .plan import describe_methods
+from .spec import SweepSpec, check_against_model
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
 __all__ = [
@@ -42,10 +44,6 @@ __all__ = [
     "STUDY_FILE",
 ]
 
-SWEEP_FILE = "sweep.json"
-SUMMARY_FILE = "summary.json"
-STUDY_FILE = "optuna-study.db"
-DEFAULT_STORAGE = "runs/sweeps"
 
 
 @dataclass

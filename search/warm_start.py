@@ -65,7 +65,7 @@ def _holds(domain: Domain, value: Any) -> bool:
     return domain.values[0] <= value <= domain.values[1]
 
 
-def _params(spec: SweepSpec, earlier: SweepSpec, config: dict[str, Any]) -> dict[str, Any] | None:
+def _params(spec: SweepSpec, sampled: dict[str, list[str]], earlier: SweepSpec, config: dict[str, Any]) -> dict[str, Any] | None:
     """The trial's values as the new space's Optuna params; None when the new space cannot hold them.
 
     The new sweep must be able to sample a trial that trains exactly as the earlier one did: same
@@ -76,7 +76,7 @@ def _params(spec: SweepSpec, earlier: SweepSpec, config: dict[str, Any]) -> dict
         return None
     old = earlier.run_data(config)  # every value the trial ran with, sampled or fixed, overrides merged
     values: dict[str, Any] = {}
-    for path in spec.sampler().keys_for(method):
+    for path in sampled[method]:
         value = method if path == METHOD_KEY else _get(old, _run_path(path, method))
         if value is None or not _holds(spec.domains[path], value):
             return None
@@ -121,8 +121,10 @@ def load_warm_start(spec: SweepSpec, *, storage: str | None = None, tracking_uri
             "its scores are not comparable: set search.max_budget to match or drop warm_start"
         )
     warm = WarmStart(source=str(source), sweep=table.name)
+    space = spec.sampler()
+    sampled = {method: space.keys_for(method) for method in spec.methods}  # what a trial of each method samples
     for trial in table.full():
-        params = _params(spec, earlier, trial.config)
+        params = _params(spec, sampled, earlier, trial.config)
         if params is None:
             warm.left_out += 1
         else:

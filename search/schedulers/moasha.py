@@ -54,10 +54,6 @@ class MOASHAScheduler(FIFOScheduler):
         ]
         self._num_stopped = 0
 
-    @property
-    def metric(self) -> str:
-        return self._metric
-
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         # The metric and its direction are set here; a TuneConfig that names others is a conflict.
         return (metric is None or metric == self._metric) and (mode is None or mode == "max")

@@ -269,7 +269,7 @@ def test_an_export_carries_the_methods_own_settings(tmp_path):
 
 
 def test_the_sweep_says_each_methods_sizes_and_own_settings(tmp_path):
-    from search.spec import describe_methods
+    from search.plan import describe_methods
 
     spec = load_sweep_spec(_write(tmp_path, _with(lora__train={"lr": 5.0e-4}, craft__rank_in=16)))
     costs = check_against_model(spec, load_model(TINY_MODEL, num_labels=3)).costs
