@@ -10,12 +10,21 @@ from .data import make_loader, tokenize_task
 from .factors import Factors, check_ranks, compute_factors
 from .hub import DEMO_MODEL, load_model, load_tokenizer
 from .job import JobResult, run_job
-from .layer import AdapterPart, CraftAdapter, CraftLinear, choose_compute
+from .layer import MERGED_MEMORY_LIMIT, AdapterPart, CraftAdapter, CraftLinear, choose_compute, compute_dtype
 from .methods import AdaptedModel, apply_method, merged_model, parameter_groups, save_adapter
 from .metrics import compute_metrics
-from .model import ADAPTER_NAME, CraftModel, find_heads, get_craft_model
+from .model import ADAPTER_NAME, CraftModel, adapter_dtype, find_heads, get_craft_model
 from .runconfig import METHODS, RunConfig, load_run_config
-from .targets import DEFAULT_TARGETS, TargetStack, find_targets, stack_weights, weights_fingerprint
+from .targets import (
+    DEFAULT_TARGETS,
+    SAME_WEIGHTS_RTOL,
+    TargetStack,
+    find_targets,
+    sketch_distance,
+    stack_weights,
+    weights_fingerprint,
+    weights_sketch,
+)
 from .tasks import GLUE_TASKS, Task, TaskSpec, load_task
 from .trainer import EvalEvent, TrainResult, evaluate, train
 from .tucker import Tucker, energy_kept, hosvd, reconstruct, truncate
@@ -68,4 +77,10 @@ __all__ = [
     "stack_weights",
     "truncate",
     "weights_fingerprint",
+    "weights_sketch",
+    "sketch_distance",
+    "SAME_WEIGHTS_RTOL",
+    "MERGED_MEMORY_LIMIT",
+    "adapter_dtype",
+    "compute_dtype",
 ]

@@ -8,9 +8,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CraftConfig", "CONFIG_NAME"]
+__all__ = ["CraftConfig", "CONFIG_NAME", "ADAPTER_DTYPES"]
 
 CONFIG_NAME = "craft_config.json"
+# "auto": float32, or float64 on a float64 model; "model": the base weights' dtype (a bf16 model's J
+# then cannot move its diagonal by less than 1/128); or a dtype by name.
+ADAPTER_DTYPES = ("auto", "model", "float32", "float64", "bfloat16", "float16")
 
 
 @dataclass
@@ -32,6 +35,10 @@ class CraftConfig:
         modules_to_save: module-name suffixes trained in full alongside the adapter (the task
             head). None: the usual heads ("classifier", "score", "pre_classifier",
             "qa_outputs") where the model has them.
+        adapter_dtype: working dtype of the J matrices, the frozen factors and the middles M.
+            "auto" (default): float32 whatever the base dtype (float64 on a float64 model), as
+            peft keeps its adapters; "model": the base weights' dtype; or "float32",
+            "float64", "bfloat16", "float16". The update is cast to each pass's compute dtype.
     """
 
     rank_layers: int
@@ -41,6 +48,7 @@ class CraftConfig:
     init_scale: float = 0.0
     seed: int = 0
     modules_to_save: list[str] | None = None
+    adapter_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("rank_layers", "rank_out", "rank_in", "seed"):
@@ -57,6 +65,8 @@ class CraftConfig:
         self.init_scale = float(self.init_scale)
         self.target_modules = _name_list("target_modules", self.target_modules)
         self.modules_to_save = _name_list("modules_to_save", self.modules_to_save)
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"CraftConfig.adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
 
     @property
     def ranks(self) -> tuple[int, int, int]:

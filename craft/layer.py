@@ -13,14 +13,24 @@ zero at J = I in any precision: the model starts as the base model bit for bit.
 part it carries (a fused projection such as ``c_attn`` carries one part per adapted slice).
 Two equivalent ways to compute it (see :func:`choose_compute`):
 
-* ``factored``: y = base(x) + ((x U_in) M_l^T) U_out^T, a rank-r update; no d x d tensor.
+* ``factored``: y = base(x) + (x U_in) P_l with P_l = M_l^T U_out^T (r_in, d_out), computed for
+  all layers in one product per pass; per projection one matmul and one fused in-place addmm.
 * ``merged``: y = x (W_l + U_out M_l U_in^T)^T through :class:`_MergedLinear`, whose backward
-  gets dM = (dy U_out)^T (x U_in) directly, never the d_out x d_in weight gradient. It costs
-  one d_out x d_in weight per layer per step and wins once a batch holds a few hundred tokens.
+  gets dM = (dy U_out)^T (x U_in) directly, never the d_out x d_in weight gradient. It holds
+  one d_out x d_in weight per projection per step and wins once a batch holds a few hundred
+  tokens, as long as those weights fit :data:`MERGED_MEMORY_LIMIT`.
+
+Precision: the J matrices, the frozen factors and M live in the adapter's working dtype
+(float32 whatever the base model's dtype, by default: ``CraftConfig.adapter_dtype``), so that a
+bf16 model's J can move by 1e-3 and U stays orthonormal to float32 accuracy. A projection
+computes its update in the pass's compute dtype: autocast's dtype when autocast is on, else the
+input's. The per-pass tensors (P or M) are cast to it once per pass, the frozen factors once per
+dtype, and no in-place op mixes dtypes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +39,29 @@ from torch.nn import functional as F
 
 from .tucker import Tucker
 
-__all__ = ["CraftAdapter", "CraftLinear", "AdapterPart", "choose_compute", "COMPUTE_MODES"]
+__all__ = [
+    "CraftAdapter",
+    "CraftLinear",
+    "AdapterPart",
+    "choose_compute",
+    "compute_dtype",
+    "COMPUTE_MODES",
+    "MERGED_MEMORY_LIMIT",
+]
 
 COMPUTE_MODES = ("auto", "factored", "merged")
+# "auto" takes the merged path only while the effective weights it holds for one step, summed over
+# every adapted projection of the model, stay within this many bytes.
+MERGED_MEMORY_LIMIT = 256 * 2**20
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a projection computes in: autocast's when autocast is on for ``x``'s device
+    (float64 inputs excepted, which autocast leaves alone), else ``x``'s dtype."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class CraftAdapter(nn.Module):
@@ -43,10 +73,11 @@ class CraftAdapter(nn.Module):
         tucker: the (already truncated) HOSVD of the (layers, out, in) stack.
         init_scale: s in J = I + s * E.
         generator: source of E (seeded by the caller for reproducibility).
-        dtype: dtype of the buffers and parameters (the model's).
+        dtype: working dtype of the J matrices, the frozen factors and M (float32 unless the
+            config asks otherwise); the update is cast from it to each pass's compute dtype.
     """
 
-    def __init__(self, tucker: Tucker, init_scale: float, generator: torch.Generator, dtype: torch.dtype):
+    def __init__(self, tucker: Tucker, init_scale: float, generator: torch.Generator, dtype: torch.dtype = torch.float32):
         super().__init__()
         u_layers, u_out, u_in = tucker.factors
         core = tucker.core  # (r_L, r_out, r_in), float64
@@ -59,43 +90,75 @@ class CraftAdapter(nn.Module):
         self.j_layers = nn.Parameter(_init_j(core.shape[0], init_scale, generator, dtype))
         self.j_out = nn.Parameter(_init_j(core.shape[1], init_scale, generator, dtype))
         self.j_in = nn.Parameter(_init_j(core.shape[2], init_scale, generator, dtype))
-        self._cache: torch.Tensor | None = None
-        self._per_layer: tuple[torch.Tensor, ...] = ()
-        self._cache_key: tuple = ()
+        # Per pass: (kind, dtype) -> (key, tensor, per-layer views); per dtype: cast factors.
+        self._shared: dict[tuple[str, torch.dtype], tuple[tuple, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        self._cast: dict[torch.dtype, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def ranks(self) -> tuple[int, int, int]:
         """(rank_layers, rank_out, rank_in)."""
         return tuple(self.core.shape)  # type: ignore[return-value]
 
-    def middles(self, refresh: bool = False) -> torch.Tensor:
-        """M for every layer, shape (L, r_out, r_in).
+    @property
+    def dtype(self) -> torch.dtype:
+        """The working dtype of the J matrices, the factors and M."""
+        return self.j_out.dtype
 
-        The model refreshes it once per forward pass (a pre-hook, outside any checkpointed
-        layer) and every layer indexes it. Between refreshes it is recomputed when a J matrix
-        changes version, the tensors move, or grad mode changes. Its graph may be walked by
-        several backward calls (reentrant checkpointing), see :class:`_Middles`.
+    def new_pass(self) -> None:
+        """Forget the per-pass tensors: the model calls this once per forward pass (a pre-hook,
+        outside any checkpointed layer), so a J written through ``.data`` is seen too."""
+        self._shared.clear()
+
+    def _per_pass(self, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        # Recomputed when a J changes version, the tensors move, or grad mode changes.
+        tensors = (self.j_layers, self.j_out, self.j_in, self.core)
+        key = (torch.is_grad_enabled(),) + tuple((t._version, t.data_ptr()) for t in tensors)
+        hit = self._shared.get((kind, dtype))
+        if hit is None or hit[0] != key:
+            fn = _projections if kind == "projections" else _middles
+            frozen = (self.u_layers, self.core, self.core_base, self.u_out)
+            out = _Shared.apply(fn, dtype, self.j_layers, self.j_out, self.j_in, *frozen)
+            # One unbind per pass: its backward stacks the layers' gradients in one op, where
+            # indexing per layer would zero-fill and add an (L, ...) tensor per layer.
+            hit = (key, out, out.unbind(0))
+            self._shared[(kind, dtype)] = hit
+        return hit[1], hit[2]
+
+    def middles(self, refresh: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """M for every layer, shape (L, r_out, r_in), in ``dtype`` (default: the working dtype).
+
+        Computed once per pass and shared by every layer. Its graph may be walked by several
+        backward calls (reentrant checkpointing), see :class:`_Shared`.
 
         Args:
             refresh: recompute even if nothing seems to have changed (J written via ``.data``).
+            dtype: the dtype to return M in (cast once per pass).
         """
-        tensors = (self.j_layers, self.j_out, self.j_in, self.core)
-        key = (torch.is_grad_enabled(),) + tuple((t._version, t.data_ptr()) for t in tensors)
-        if refresh or self._cache is None or key != self._cache_key:
-            self._cache = _Middles.apply(self.j_layers, self.j_out, self.j_in, self.u_layers, self.core, self.core_base)
-            # One unbind per pass: its backward stacks the layers' gradients in one op, where
-            # indexing per layer would zero-fill and add an (L, r_out, r_in) tensor per layer.
-            self._per_layer = self._cache.unbind(0)
-            self._cache_key = key
-        return self._cache
+        if refresh:
+            self.new_pass()
+        return self._per_pass("middles", dtype or self.dtype)[0]
 
-    def middle(self, layer: int) -> torch.Tensor:
+    def middle(self, layer: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """M of one layer, shape (r_out, r_in), from the pass's shared computation."""
-        self.middles()
-        return self._per_layer[layer]
+        return self._per_pass("middles", dtype or self.dtype)[1][layer]
+
+    def projection(self, layer: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """P_l = M_l^T U_out^T of one layer, shape (r_in, d_out): the update is (x U_in) P_l."""
+        return self._per_pass("projections", dtype or self.dtype)[1][layer]
+
+    def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_out, U_in) in ``dtype``, cast once per dtype and device (frozen, so never stale)."""
+        if dtype is None or dtype == self.dtype:
+            return self.u_out, self.u_in
+        key = (self.u_out.data_ptr(), self.u_in.data_ptr())
+        hit = self._cast.get(dtype)
+        if hit is None or hit[0] != key:
+            hit = (key, self.u_out.to(dtype), self.u_in.to(dtype))
+            self._cast[dtype] = hit
+        return hit[1], hit[2]
 
     def delta_weight(self, layer: int) -> torch.Tensor:
-        """Update U_out M_l U_in^T of one layer, shape (d_out, d_in)."""
+        """Update U_out M_l U_in^T of one layer, shape (d_out, d_in), in the working dtype."""
         mid = self.middles(refresh=True)[layer]  # (r_out, r_in)
         return self.u_out @ mid @ self.u_in.T  # (d_out, d_in)
 
@@ -116,28 +179,43 @@ def _compute_middles(j_layers, j_out, j_in, u_layers, core, core_base) -> torch.
     )
 
 
-class _Middles(torch.autograd.Function):
-    """:func:`_compute_middles` with a backward that can run more than once.
+def _middles(dtype, j_layers, j_out, j_in, u_layers, core, core_base, u_out) -> torch.Tensor:
+    """M in the working dtype, cast to ``dtype``: (L, r_out, r_in)."""
+    return _compute_middles(j_layers, j_out, j_in, u_layers, core, core_base).to(dtype)
 
-    M is shared by every layer. Reentrant activation checkpointing back-propagates each
-    layer in a backward call of its own, so M's graph is walked once per layer; the usual
-    saved tensors would be freed after the first walk. Here the inputs are kept on ``ctx``
-    (r x r matrices, a few KB) and backward recomputes the small graph each time.
+
+def _projections(dtype, j_layers, j_out, j_in, u_layers, core, core_base, u_out) -> torch.Tensor:
+    """P = M^T U_out^T for every layer in the working dtype, cast to ``dtype``: (L, r_in, d_out)."""
+    mids = _compute_middles(j_layers, j_out, j_in, u_layers, core, core_base)  # (L, r_out, r_in)
+    return torch.einsum("loi,do->lid", mids, u_out).to(dtype)  # (L, r_in, d_out)
+
+
+class _Shared(torch.autograd.Function):
+    """A per-pass tensor computed from the J matrices, with a backward that can run more than once.
+
+    The tensor (M or P) is shared by every layer. Reentrant activation checkpointing
+    back-propagates each layer in a backward call of its own, so its graph is walked once per
+    layer; the usual saved tensors would be freed after the first walk. Here the inputs are
+    kept on ``ctx`` (r x r matrices and the frozen factors) and backward recomputes the small
+    graph each time. Autocast is off inside: the working dtype is what the caller chose.
     """
 
     @staticmethod
-    def forward(ctx, j_layers, j_out, j_in, u_layers, core, core_base):  # noqa: D102
-        ctx.kept = tuple(t.detach().clone() for t in (j_layers, j_out, j_in)) + (u_layers, core, core_base)
-        return _compute_middles(j_layers, j_out, j_in, u_layers, core, core_base)
+    def forward(ctx, fn: Callable, dtype: torch.dtype, j_layers, j_out, j_in, *frozen):  # noqa: D102
+        ctx.fn, ctx.dtype, ctx.frozen = fn, dtype, frozen
+        ctx.js = tuple(t.detach().clone() for t in (j_layers, j_out, j_in))
+        with torch.autocast(j_out.device.type, enabled=False):
+            return fn(dtype, j_layers, j_out, j_in, *frozen)
 
     @staticmethod
-    def backward(ctx, dmids):  # noqa: D102
-        *js, u_layers, core, core_base = ctx.kept
-        with torch.enable_grad():
-            leaves = [j.detach().requires_grad_() for j in js]
-            mids = _compute_middles(*leaves, u_layers, core, core_base)
-            grads = torch.autograd.grad(mids, leaves, dmids)
-        return (*grads, None, None, None)
+    def backward(ctx, grad):  # noqa: D102
+        needs = ctx.needs_input_grad[2:5]
+        with torch.enable_grad(), torch.autocast(grad.device.type, enabled=False):
+            leaves = [j.detach().requires_grad_(n) for j, n in zip(ctx.js, needs)]
+            out = ctx.fn(ctx.dtype, *leaves, *ctx.frozen)
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            found = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return (None, None, *[next(found) if n else None for n in needs], *[None] * len(ctx.frozen))
 
 
 def _init_j(rank: int, scale: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -155,12 +233,28 @@ class AdapterPart:
     rows: tuple[int, int] | None = None
 
 
-def choose_compute(tokens: int, d_out: int, d_in: int, r_out: int, r_in: int) -> str:
-    """Pick the cheaper path for a batch of ``tokens`` rows by counting extra flops.
+def choose_compute(
+    tokens: int,
+    d_out: int,
+    d_in: int,
+    r_out: int,
+    r_in: int,
+    merged_bytes: int = 0,
+    memory_limit: int = MERGED_MEMORY_LIMIT,
+) -> str:
+    """Pick the path for a batch of ``tokens`` rows: the merged one when it needs fewer flops
+    and the effective weights it holds fit the memory limit, else the factored one.
 
     factored: 2N(2 d_in r_in + 2 d_out r_out + 3 r_in r_out)  (forward and backward)
     merged:   2N(d_in r_in + d_out r_out + r_in r_out) + 2 d_out r_in (r_out + d_in)
+
+    Args:
+        merged_bytes: what the merged path would hold for one step: one d_out x d_in weight
+            per adapted projection of the model, in the compute dtype.
+        memory_limit: the most bytes the merged path may hold (:data:`MERGED_MEMORY_LIMIT`).
     """
+    if merged_bytes > memory_limit:
+        return "factored"
     factored = 2 * tokens * (2 * d_in * r_in + 2 * d_out * r_out + 3 * r_in * r_out)
     merged = 2 * tokens * (d_in * r_in + d_out * r_out + r_in * r_out) + 2 * d_out * r_in * (r_out + d_in)
     return "merged" if merged < factored else "factored"
@@ -171,9 +265,24 @@ class CraftLinear(nn.Module):
 
     The adapters are held by reference (not registered as submodules): the model registers
     each shared adapter once.
+
+    Args:
+        base_layer: the projection to wrap.
+        parts: the adapted slices it carries.
+        compute: "auto", "factored" or "merged" (see :func:`choose_compute`).
+        merged_elements: weight elements the merged path holds per step across the whole model
+            (the model sets it; default: this projection's weight alone).
+        memory_limit: bytes the merged path may hold under "auto".
     """
 
-    def __init__(self, base_layer: nn.Module, parts: list[AdapterPart], compute: str = "auto"):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        parts: list[AdapterPart],
+        compute: str = "auto",
+        merged_elements: int | None = None,
+        memory_limit: int = MERGED_MEMORY_LIMIT,
+    ):
         super().__init__()
         if compute not in COMPUTE_MODES:
             raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
@@ -181,6 +290,9 @@ class CraftLinear(nn.Module):
         self._parts = list(parts)
         self.compute = compute
         self.merged = False
+        self.merged_elements = base_layer.weight.numel() if merged_elements is None else merged_elements
+        self.memory_limit = memory_limit
+        self._untied: nn.Parameter | None = None  # the shared weight a merge replaced
 
     @property
     def parts(self) -> list[AdapterPart]:
@@ -200,48 +312,84 @@ class CraftLinear(nn.Module):
         return part.adapter.delta_weight(part.layer)
 
     def full_delta_weight(self) -> torch.Tensor:
-        """Sum of every part's update placed in its rows, shape (out, in) of the base weight."""
+        """Sum of every part's update placed in its rows, shape (out, in) of the base weight,
+        in the adapters' working dtype."""
         weight = self.base_weight()
-        delta = torch.zeros_like(weight)
+        delta = torch.zeros(weight.shape, dtype=self._parts[0].adapter.dtype, device=weight.device)
         for part in self._parts:
             lo, hi = part.rows or (0, weight.shape[0])
-            delta[lo:hi] += part.adapter.delta_weight(part.layer).to(weight.dtype)
+            delta[lo:hi] += part.adapter.delta_weight(part.layer)
         return delta
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Add the update into the base weight; forward then costs nothing extra."""
-        if not self.merged:
-            self.base_weight().add_(self.full_delta_weight())
-            self.merged = True
+    def merge(self, untie: bool = False) -> None:
+        """Add the update into the base weight; forward then costs nothing extra.
+
+        The sum is formed in the working dtype and rounded once to the weight's dtype (in bf16,
+        an update below half a unit in the last place of a weight does not survive the merge).
+
+        Args:
+            untie: the weight is shared with another module (tied weights): give this module
+                its own merged copy instead of writing into the shared tensor;
+                :meth:`unmerge` puts the shared weight back.
+        """
+        if self.merged or not self._parts:
+            return
+        weight = self.base_weight()
+        merged = (weight.to(self._parts[0].adapter.dtype) + self.full_delta_weight()).to(weight.dtype)  # (out, in)
+        if untie:
+            shared = self.base_layer.weight
+            stored = merged if isinstance(self.base_layer, nn.Linear) else merged.T  # Conv1D keeps (in, out)
+            self.base_layer.weight = nn.Parameter(stored.contiguous(), requires_grad=shared.requires_grad)
+            self._untied = shared
+        else:
+            weight.copy_(merged)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract a merged update again (exact up to rounding)."""
-        if self.merged:
-            self.base_weight().sub_(self.full_delta_weight())
-            self.merged = False
+        """Subtract a merged update again (exact up to rounding; a tied weight is put back as it was)."""
+        if not self.merged:
+            return
+        if self._untied is not None:
+            self.base_layer.weight, self._untied = self._untied, None
+        else:
+            weight = self.base_weight()
+            weight.copy_((weight.to(self._parts[0].adapter.dtype) - self.full_delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def choose(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+        """The path this projection takes for input ``x`` (its ``compute``, or the "auto" pick)."""
+        if self.compute != "auto":
+            return self.compute
+        a = self._parts[0].adapter
+        dtype = dtype or compute_dtype(x)
+        return choose_compute(
+            x.numel() // x.shape[-1],
+            a.u_out.shape[0],
+            a.u_in.shape[0],
+            a.u_out.shape[1],
+            a.u_in.shape[1],
+            merged_bytes=self.merged_elements * dtype.itemsize,
+            memory_limit=self.memory_limit,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self._parts:
             return self.base_layer(x)
-        mode = self.compute
-        if mode == "auto":
-            a = self._parts[0].adapter
-            d_out, d_in = a.u_out.shape[0], a.u_in.shape[0]
-            mode = choose_compute(x.numel() // x.shape[-1], d_out, d_in, a.u_out.shape[1], a.u_in.shape[1])
-        if mode == "merged":
-            mids = [p.adapter.middle(p.layer) for p in self._parts]
-            spec = tuple((p.rows, p.adapter.u_out, p.adapter.u_in) for p in self._parts)
-            return _MergedLinear.apply(x, self.base_weight(), _bias(self.base_layer), spec, *mids)
-        out = self.base_layer(x)
+        dtype = compute_dtype(x)
+        if self.choose(x, dtype) == "merged":
+            mids = [p.adapter.middle(p.layer, dtype) for p in self._parts]  # (r_out, r_in) each
+            spec = tuple((p.rows, *p.adapter.factors(dtype)) for p in self._parts)
+            return _MergedLinear.apply(x, self.base_weight(), _bias(self.base_layer), dtype, spec, *mids)
+        out = self.base_layer(x)  # (..., out), in the compute dtype
+        dtype = out.dtype
+        flat = out.view(-1, out.shape[-1])  # (N, out)
+        rows_in = _as(x.reshape(-1, x.shape[-1]), dtype)  # (N, in)
         for p in self._parts:
-            mid = p.adapter.middle(p.layer)  # (r_out, r_in)
-            update = ((x @ p.adapter.u_in) @ mid.T) @ p.adapter.u_out.T  # (..., d_out)
-            if p.rows is None:
-                out = out + update
-            else:
-                out = torch.cat([out[..., : p.rows[0]], out[..., p.rows[0] : p.rows[1]] + update, out[..., p.rows[1] :]], -1)
+            projected = rows_in @ p.adapter.factors(dtype)[1]  # x U_in: (N, r_in)
+            target = flat if p.rows is None else flat[:, p.rows[0] : p.rows[1]]
+            target.addmm_(projected, p.adapter.projection(p.layer, dtype))  # += (x U_in) P_l: (N, d_out)
         return out
 
 
@@ -258,42 +406,49 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 class _MergedLinear(torch.autograd.Function):
     """y = x W'^T + b with W' = W + sum over parts of U_out M U_in^T placed in its rows.
 
-    Backward returns dx = dy W' and dM = (dy_rows U_out)^T (x U_in) for each part; the frozen
-    W, U and bias get no gradient and the d_out x d_in weight gradient is never formed.
+    Everything runs in the compute dtype ``dtype`` (inputs cast explicitly, autocast off).
+    Backward returns dx = dy W' and dM = (dy_rows U_out)^T (x U_in) for each part, and the
+    gradients of W and b when they require one (dW = dy^T x, db = sum of dy); the d_out x d_in
+    weight gradient is formed only then.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec, *mids):  # noqa: D102
-        eff = weight
-        for (rows, u_out, u_in), mid in zip(spec, mids):
-            left = u_out @ mid  # (d_out, r_in)
-            if rows is None:
-                eff = torch.addmm(eff, left, u_in.T)  # W + U_out M U_in^T: (out, in), a new tensor
-            else:
-                eff = eff.clone() if eff is weight else eff
-                eff[rows[0] : rows[1]].addmm_(left, u_in.T)  # (d_out, d_in) block of the fused weight
-        y = F.linear(x, eff, bias)  # (..., out)
-        need = list(ctx.needs_input_grad[4:])
-        projected = [x @ u_in if n else None for (_, _, u_in), n in zip(spec, need)]  # (..., r_in)
-        ctx.spec = spec
-        ctx.need = need
-        ctx.save_for_backward(eff, *[p for p in projected if p is not None])
+    def forward(ctx, x, weight, bias, dtype, spec, *mids):  # noqa: D102
+        with torch.autocast(x.device.type, enabled=False):
+            rows_in = _as(x, dtype)
+            eff = _as(weight, dtype)
+            for (rows, u_out, u_in), mid in zip(spec, mids):
+                left = u_out @ mid  # (d_out, r_in)
+                if rows is None:
+                    eff = torch.addmm(eff, left, u_in.T)  # W + U_out M U_in^T: (out, in), a new tensor
+                else:
+                    eff = eff.clone() if eff is weight else eff
+                    eff[rows[0] : rows[1]].addmm_(left, u_in.T)  # (d_out, d_in) block of the fused weight
+            y = F.linear(rows_in, eff, None if bias is None else _as(bias, dtype))  # (..., out)
+            need = list(ctx.needs_input_grad[5:])
+            projected = [rows_in @ u_in if n else None for (_, _, u_in), n in zip(spec, need)]  # (..., r_in)
+        ctx.spec, ctx.need, ctx.dtypes = spec, need, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        keep_x = rows_in if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(eff, keep_x, *[p for p in projected if p is not None])
         return y
 
     @staticmethod
     def backward(ctx, dy):  # noqa: D102
-        eff, *projected = ctx.saved_tensors
-        dx = dy @ _as(eff, dy.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
+        eff, rows_in, *projected = ctx.saved_tensors
+        dy = _as(dy, eff.dtype)
+        dx = _as(dy @ eff, ctx.dtypes[0]) if ctx.needs_input_grad[0] else None  # (..., in)
+        flat = dy.reshape(-1, dy.shape[-1])  # (N, out)
+        dw = _as(flat.T @ rows_in.reshape(-1, rows_in.shape[-1]), ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        db = _as(flat.sum(0), ctx.dtypes[2]) if ctx.needs_input_grad[2] else None  # (out,)
         grads, it = [], iter(projected)
         for (rows, u_out, _), need in zip(ctx.spec, ctx.need):
             if not need:
                 grads.append(None)
                 continue
             a = next(it)  # (..., r_in)
-            g = (dy if rows is None else dy[..., rows[0] : rows[1]]) @ _as(u_out, dy.dtype)  # (..., r_out)
-            dmid = g.reshape(-1, g.shape[-1]).T @ _as(a, dy.dtype).reshape(-1, a.shape[-1])  # (r_out, r_in)
-            grads.append(_as(dmid, u_out.dtype))
-        return (dx, None, None, None, *grads)
+            g = (flat if rows is None else flat[:, rows[0] : rows[1]]) @ u_out  # (N, r_out)
+            grads.append(g.T @ a.reshape(-1, a.shape[-1]))  # dM: (r_out, r_in)
+        return (dx, dw, db, None, None, *grads)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -12,14 +13,24 @@ from torch import nn
 
 from .config import CraftConfig
 from .factors import Factors, check_ranks
-from .layer import AdapterPart, CraftAdapter, CraftLinear
-from .targets import DEFAULT_HEADS, TargetStack, find_targets, stack_weights, weights_fingerprint
+from .layer import MERGED_MEMORY_LIMIT, AdapterPart, CraftAdapter, CraftLinear
+from .targets import (
+    DEFAULT_HEADS,
+    SAME_WEIGHTS_RTOL,
+    TargetStack,
+    find_targets,
+    sketch_distance,
+    stack_weights,
+    weights_fingerprint,
+    weights_sketch,
+)
 from .tucker import hosvd
 
-__all__ = ["CraftModel", "get_craft_model", "find_heads", "ADAPTER_NAME"]
+__all__ = ["CraftModel", "get_craft_model", "find_heads", "adapter_dtype", "ADAPTER_NAME"]
 
 ADAPTER_NAME = "adapter_model.safetensors"
 _FORMAT = "craft-adapter/1"
+_SKETCH_PREFIX = "base_sketch."  # weights_sketch of the base, saved beside the J matrices
 
 
 class CraftModel(nn.Module):
@@ -30,7 +41,14 @@ class CraftModel(nn.Module):
     Build it with :func:`get_craft_model`.
     """
 
-    def __init__(self, model: nn.Module, config: CraftConfig, factors: Factors | None = None, compute: str = "auto"):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: CraftConfig,
+        factors: Factors | None = None,
+        compute: str = "auto",
+        merged_memory_limit: int = MERGED_MEMORY_LIMIT,
+    ):
         super().__init__()
         stacks = find_targets(model, config.target_modules)
         check_ranks(stacks, config.ranks)
@@ -38,28 +56,42 @@ class CraftModel(nn.Module):
         if factors is not None:
             _check_factors(factors, stacks, fingerprint)
         reference = model.get_submodule(stacks[0].sites[0].module_name).weight
+        dtype = adapter_dtype(config, reference.dtype)
         generator = torch.Generator().manual_seed(config.seed)
         adapters = []
         for stack in stacks:
             tucker = (
                 factors.sliced(stack.name, config.ranks) if factors else hosvd(stack_weights(model, stack).cpu(), config.ranks)
             )
-            adapters.append(CraftAdapter(tucker, config.init_scale, generator, reference.dtype))
+            adapters.append(CraftAdapter(tucker, config.init_scale, generator, dtype))
         self.base_model = model
         self.craft_config = config
         self.fingerprint = fingerprint
+        self.sketch = weights_sketch(model, stacks)
         self.target_names = [s.name for s in stacks]
         self.stacks = stacks
         self.craft_adapters = nn.ModuleList(adapters).to(reference.device)
         self.head_names = find_heads(model, config.modules_to_save, stacks)
-        self._wrap(stacks, compute)
+        self._wrap(stacks, compute, merged_memory_limit)
         self._freeze(self.head_names)
+        self._input_grads = False
         self._hook = model.register_forward_pre_hook(self._refresh)
 
     def _refresh(self, *_) -> None:
-        # One M per adapter per model call, computed before any (checkpointed) layer runs.
+        # New per-pass tensors for every model call, made before any (checkpointed) layer runs.
         for adapter in self.craft_adapters:
-            adapter.middles(refresh=True)
+            adapter.new_pass()
+        if not self._input_grads and torch.is_grad_enabled() and _checkpointing(self.base_model):
+            # Reentrant checkpointing back-propagates through a layer only when its input requires
+            # grad; frozen embeddings (a vision model's patches) give none, so J would get none.
+            enable = getattr(self.base_model, "enable_input_require_grads", None)
+            if enable is None:
+                raise ValueError(
+                    f"{type(self.base_model).__name__} checkpoints activations but has no enable_input_require_grads; "
+                    "CRAFT's J would get no gradient through reentrant checkpointing: use use_reentrant=False"
+                )
+            enable()
+            self._input_grads = True
 
     def __getattr__(self, name: str):
         try:
@@ -72,15 +104,17 @@ class CraftModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
 
-    def _wrap(self, stacks: list[TargetStack], compute: str) -> None:
+    def _wrap(self, stacks: list[TargetStack], compute: str, memory_limit: int) -> None:
         parts: dict[str, list[AdapterPart]] = {}
         for adapter, stack in zip(self.craft_adapters, stacks):
             for layer, site in enumerate(stack.sites):
                 parts.setdefault(site.module_name, []).append(AdapterPart(adapter, layer, site.rows))
+        # What the merged path holds for one step: every adapted projection's effective weight.
+        elements = sum(self.base_model.get_submodule(name).weight.numel() for name in parts)
         for name, module_parts in parts.items():
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-            setattr(parent, child, CraftLinear(getattr(parent, child), module_parts, compute))
+            setattr(parent, child, CraftLinear(getattr(parent, child), module_parts, compute, elements, memory_limit))
 
     def _freeze(self, heads: list[str]) -> None:
         for p in self.base_model.parameters():
@@ -102,9 +136,14 @@ class CraftModel(nn.Module):
         return sum(p.numel() for n in self.head_names for p in self.base_model.get_submodule(n).parameters())
 
     def merge(self) -> None:
-        """Merge every update into its base weight (inference at base-model cost)."""
+        """Merge every update into its base weight (inference at base-model cost).
+
+        A weight shared with another module (tied weights) is not written into: its projection
+        gets a merged copy of its own, so the merged model computes what the adapted one does.
+        """
+        shared = _shared_storages(self.base_model)
         for layer in self.craft_layers():
-            layer.merge()
+            layer.merge(untie=_storage(layer.base_layer.weight) in shared)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`."""
@@ -114,9 +153,9 @@ class CraftModel(nn.Module):
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
         """Merge the updates and return the plain transformers model, wrappers removed."""
+        self.merge()
         for name, module in list(self.base_model.named_modules()):
             if isinstance(module, CraftLinear):
-                module.merge()
                 parent_name, _, child = name.rpartition(".")
                 parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
                 setattr(parent, child, module.base_layer)
@@ -140,6 +179,7 @@ class CraftModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.craft_config.save(directory)
         tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        tensors.update({f"{_SKETCH_PREFIX}{name}": sketch for name, sketch in self.sketch.items()})
         meta = {"format": _FORMAT, "fingerprint": self.fingerprint, "targets": json.dumps(self.target_names)}
         save_file(tensors, str(directory / ADAPTER_NAME), metadata=meta)
         return directory
@@ -147,6 +187,10 @@ class CraftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path, factors: Factors | None = None) -> CraftModel:
         """Restore an adapter saved by :meth:`save_pretrained` onto its base ``model``.
+
+        ``model`` may hold the base weights in another dtype or on another device: it counts as
+        the same base when every target weight is within :data:`~craft.targets.SAME_WEIGHTS_RTOL`
+        (relative Frobenius distance) of the saved one's.
 
         Raises:
             ValueError: the directory holds no adapter, or ``model`` is not the base model
@@ -162,13 +206,17 @@ class CraftModel(nn.Module):
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a CRAFT adapter ({_FORMAT}); save it with CraftModel.save_pretrained")
+        sketch = {k.removeprefix(_SKETCH_PREFIX): tensors.pop(k) for k in list(tensors) if k.startswith(_SKETCH_PREFIX)}
         stacks = find_targets(model, config.target_modules)
         found = weights_fingerprint(model, stacks)
         if found != meta["fingerprint"]:
-            raise ValueError(
-                f"the adapter in {directory} was trained on another base model (weights fingerprint "
-                f"{meta['fingerprint'][:12]}, this model {found[:12]}); load it onto the model it was saved from"
-            )
+            distance = sketch_distance(weights_sketch(model, stacks), sketch) if sketch else float("inf")
+            if distance > SAME_WEIGHTS_RTOL:
+                away = f"a target weight is {distance:.2%} away" if distance < float("inf") else "the weights differ"
+                raise ValueError(
+                    f"the adapter in {directory} was trained on another base model ({away}; the same base in another "
+                    f"dtype is within {SAME_WEIGHTS_RTOL:.2%}); load it onto the model it was saved from"
+                )
         craft = cls(model, config, factors)
         craft.load_adapter_state_dict(tensors)
         return craft
@@ -202,6 +250,30 @@ def find_heads(model: nn.Module, modules_to_save: list[str] | None, stacks: list
     return heads
 
 
+def adapter_dtype(config: CraftConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """The working dtype of the J matrices and factors for ``config`` on a model of ``model_dtype``."""
+    if config.adapter_dtype == "auto":
+        return torch.float64 if model_dtype == torch.float64 else torch.float32
+    if config.adapter_dtype == "model":
+        return model_dtype
+    return getattr(torch, config.adapter_dtype)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _shared_storages(model: nn.Module) -> set[int]:
+    """Storages held by more than one parameter slot of ``model`` (tied or shared weights)."""
+    counts = Counter(_storage(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {ptr for ptr, n in counts.items() if n > 1}
+
+
 def _check_factors(factors: Factors, stacks: list[TargetStack], fingerprint: str) -> None:
     if factors.target_names != [s.name for s in stacks]:
         raise ValueError(
@@ -211,7 +283,13 @@ def _check_factors(factors: Factors, stacks: list[TargetStack], fingerprint: str
         raise ValueError("factors were computed from other base weights (fingerprint differs); recompute them for this model")
 
 
-def get_craft_model(model: nn.Module, config: CraftConfig, factors: Factors | None = None, compute: str = "auto") -> CraftModel:
+def get_craft_model(
+    model: nn.Module,
+    config: CraftConfig,
+    factors: Factors | None = None,
+    compute: str = "auto",
+    merged_memory_limit: int = MERGED_MEMORY_LIMIT,
+) -> CraftModel:
     """Wrap ``model`` with CRAFT adapters.
 
     Args:
@@ -220,8 +298,10 @@ def get_craft_model(model: nn.Module, config: CraftConfig, factors: Factors | No
         factors: precomputed :class:`Factors` at ranks >= the config's (sliced, not
             recomputed); None decomposes the targets here.
         compute: "auto" (cheaper path per batch shape), "factored" or "merged".
+        merged_memory_limit: bytes the merged path may hold for one step under "auto" (one
+            effective weight per adapted projection); above it "auto" stays factored.
 
     Returns:
         The :class:`CraftModel`; the input model is modified in place.
     """
-    return CraftModel(model, config, factors, compute)
+    return CraftModel(model, config, factors, compute, merged_memory_limit)

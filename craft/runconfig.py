@@ -149,7 +149,7 @@ class TrainBlock:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    bf16: bool | str = "auto"  # bf16 autocast: auto = on CUDA only
+    bf16: bool | str = "auto"  # bf16 autocast: true = on any device (CPU too), auto = on CUDA only
     device: str = "auto"  # auto, cpu, cuda, cuda:N
 
     def __post_init__(self) -> None:

@@ -21,6 +21,9 @@ __all__ = [
     "find_targets",
     "stack_weights",
     "weights_fingerprint",
+    "weights_sketch",
+    "sketch_distance",
+    "SAME_WEIGHTS_RTOL",
     "is_projection",
     "is_conv1d",
 ]
@@ -34,6 +37,12 @@ DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
 )
 DEFAULT_HEADS: tuple[str, ...] = ("classifier", "score", "pre_classifier", "qa_outputs")
 _FUSED_PARTS = {"q": 0, "k": 1, "v": 2}
+# Base weights count as the same when every target weight is within this relative distance
+# (Frobenius norm) of the one an adapter was saved with: rounding to bf16 moves a weight by at
+# most 2^-9 of itself, fp16 by 2^-12, so the same checkpoint in any dtype passes with room to spare.
+SAME_WEIGHTS_RTOL = 2.0**-8
+_SKETCH_SIZE = 16  # K: a K x K bilinear sketch per weight estimates distances within about 10%
+_SKETCH_SEED = 20261130
 
 
 @dataclass(frozen=True)
@@ -76,10 +85,16 @@ def _resolve(model: nn.Module, target: str) -> TargetStack | None:
     suffix, _, part = target.partition(":")
     if part and part not in _FUSED_PARTS:
         raise ValueError(f"target {target!r}: the part after ':' must be q, k or v (a fused qkv projection split in thirds)")
-    sites, shapes = [], []
-    for name, module in model.named_modules():
+    sites, shapes, seen = [], [], {}
+    for name, module in model.named_modules(remove_duplicate=False):
         if not _matches(name, suffix):
             continue
+        if id(module) in seen:
+            raise ValueError(
+                f"target {target!r}: {seen[id(module)]} and {name} are one module shared by several layers; CRAFT gives "
+                "each layer its own update: give each layer its own module, or leave it out of target_modules"
+            )
+        seen[id(module)] = name
         if not is_projection(module):
             raise ValueError(
                 f"target {target!r} matches {name}, a {type(module).__name__}; CRAFT wraps nn.Linear and "
@@ -181,3 +196,38 @@ def weights_fingerprint(model: nn.Module, stacks: list[TargetStack]) -> str:
             digest.update(f"{site.module_name}|{site.rows}|{weight.dtype}".encode())
             digest.update(weight.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype
     return digest.hexdigest()
+
+
+def weights_sketch(model: nn.Module, stacks: list[TargetStack]) -> dict[str, torch.Tensor]:
+    """Per projection type, a float64 (L, K*K + 1) summary of each layer's weight W_l: the
+    bilinear sketch A^T W_l B with fixed Gaussian A (d_out, K) and B (d_in, K), then ||W_l||_F.
+
+    Two weights' sketches differ by about K ||W - W'||_F (:func:`sketch_distance`), so an
+    adapter can tell its base weights in another dtype or on another device (a tiny distance)
+    from other weights without keeping them. Computed on the CPU in float64.
+    """
+    sketches = {}
+    for stack in stacks:
+        _, d_out, d_in = stack.shape
+        g = torch.Generator().manual_seed(_SKETCH_SEED)
+        a = torch.randn(d_out, _SKETCH_SIZE, generator=g, dtype=torch.float64)  # (d_out, K)
+        b = torch.randn(d_in, _SKETCH_SIZE, generator=g, dtype=torch.float64)  # (d_in, K)
+        rows = []
+        for site in stack.sites:
+            w = _site_weight(model, site).to(device="cpu", dtype=torch.float64)  # (d_out, d_in)
+            rows.append(torch.cat([(a.T @ w @ b).reshape(-1), w.norm().reshape(1)]))  # (K*K + 1,)
+        sketches[stack.name] = torch.stack(rows)  # (L, K*K + 1)
+    return sketches
+
+
+def sketch_distance(found: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> float:
+    """The largest relative distance ||W_l - W_saved,l||_F / ||W_saved,l||_F over every target
+    weight, estimated from two :func:`weights_sketch` results (inf when the targets differ)."""
+    if found.keys() != saved.keys() or any(found[k].shape != saved[k].shape for k in saved):
+        return float("inf")
+    worst = 0.0
+    for name, ref in saved.items():
+        # E ||A^T D B||_F^2 = K^2 ||D||_F^2 for Gaussian A, B with K columns each.
+        distance = (found[name][:, :-1] - ref[:, :-1]).norm(dim=1) / _SKETCH_SIZE  # (L,)
+        worst = max(worst, float((distance / ref[:, -1].clamp_min(1e-300)).max()))
+    return worst

@@ -288,7 +288,9 @@ def _check_splits(tokenized: Any, splits: tuple[str, ...]) -> None:
 
 
 def _autocast(cfg: TrainBlock, device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16 in (True, "auto"))
+    """bf16 autocast: on any device when asked for (CPUs run it too), on CUDA alone under "auto"."""
+    enabled = cfg.bf16 is True or (cfg.bf16 == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @torch.no_grad()

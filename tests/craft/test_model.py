@@ -118,11 +118,14 @@ def _enable_checkpointing(model, kwargs):
 @pytest.mark.parametrize(
     "kwargs", [None, {"use_reentrant": False}, {"use_reentrant": True}], ids=["default", "non_reentrant", "reentrant"]
 )
-def test_activation_checkpointing_gives_same_gradients(tiny, compute, kwargs):
-    """Training with the model's activation (gradient) checkpointing must work and not change gradients."""
+@pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2", "llama", "vit"])
+def test_activation_checkpointing_gives_same_gradients(tiny, name, compute, kwargs):
+    """Training with the model's activation (gradient) checkpointing must work and not change
+    gradients, text and vision (a ViT's frozen patch embeddings give reentrant checkpointing
+    no input that requires grad)."""
     grads = {}
     for checkpointing in (False, True):
-        model, inputs = tiny.build("bert")
+        model, inputs = tiny.build(name)
         cm = get_craft_model(model, tiny.config(init_scale=0.2), compute=compute)
         if checkpointing:
             _enable_checkpointing(model, kwargs)
@@ -155,6 +158,36 @@ def test_target_in_modules_to_save_trains_alike_on_both_paths(tiny, name):
         h = grads["merged"][n]
         assert h is not None, f"merged path gives {n} no gradient (factored does)"
         assert float((g - h).norm() / g.norm()) <= 1e-5, n
+
+
+@pytest.mark.parametrize("which", ["bias", "weight"])
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_trainable_base_bias_or_weight_gets_its_gradient_on_both_paths(tiny, name, which):
+    """BitFit-style: a wrapped projection's own bias (or weight) made trainable gets the same
+    gradient whichever path computes the layer, checked against float64 autograd of the plain model."""
+    model, inputs = tiny.build(name)
+    reference = {}
+    plain = model.double()
+    for n, p in plain.named_parameters():
+        p.requires_grad_(n.endswith(f"attn.c_attn.{which}") or n.endswith(f"self.query.{which}"))
+    plain(**inputs).loss.backward()
+    reference = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert len(reference) == 3
+    for compute in ("factored", "merged"):
+        model, inputs = tiny.build(name)
+        cm = get_craft_model(model.double(), tiny.config(), compute=compute)  # J = I: the plain model
+        for layer in cm.craft_layers():
+            if name == "gpt2" or layer.parts[0].adapter is cm.craft_adapters[0]:
+                getattr(layer.base_layer, which).requires_grad_(True)
+        cm(**inputs).loss.backward()
+        grads = {n.replace("base_layer.", "").removeprefix("base_model."): p.grad for n, p in cm.named_parameters()}
+        for n, g in reference.items():
+            assert grads[n] is not None, f"{compute} path gives {n} no gradient"
+            assert _relative(grads[n], g) <= 1e-10, (compute, n)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
 # ----------------------------------------------------------------------------- merge / unmerge
@@ -195,6 +228,56 @@ def test_model_merge_unmerge(tiny, name):
     assert tiny.max_diff(tiny.logits(cm, inputs), adapted) <= 1e-5
     cm.unmerge()
     assert tiny.max_diff(tiny.logits(cm, inputs), adapted) <= 1e-6
+
+
+def _tie_query(model) -> None:
+    """Layer 1's query projection uses layer 0's weight (one Parameter in two modules)."""
+    layers = model.bert.encoder.layer
+    layers[1].attention.self.query.weight = layers[0].attention.self.query.weight
+
+
+def test_merge_of_tied_weights_stays_exact(tiny):
+    model, inputs = tiny.build("bert")
+    _tie_query(model)
+    cm = get_craft_model(model, tiny.config(init_scale=0.1))
+    tiny.train(cm, inputs, steps=3)
+    first, second = (layer.self.query for layer in (model.bert.encoder.layer[0].attention, model.bert.encoder.layer[1].attention))
+    shared = first.base_layer.weight
+    assert second.base_layer.weight is shared
+    adapted = tiny.logits(cm, inputs)
+    cm.merge()
+    assert tiny.max_diff(tiny.logits(cm, inputs), adapted) <= 1e-5
+    assert first.base_layer.weight is not second.base_layer.weight  # each layer got its own merged copy
+    cm.unmerge()
+    assert first.base_layer.weight is shared and second.base_layer.weight is shared  # the tie is back
+    assert tiny.max_diff(tiny.logits(cm, inputs), adapted) <= 1e-6
+    plain = cm.merge_and_unload()
+    assert tiny.max_diff(tiny.logits(plain, inputs), adapted) <= 1e-5
+
+
+def test_module_reachable_at_two_paths_is_refused(tiny):
+    model, _ = tiny.build("bert")
+    layers = model.bert.encoder.layer
+    layers[1].attention.self.query = layers[0].attention.self.query
+    with pytest.raises(ValueError, match=r"layer\.0\.attention\.self\.query and .*layer\.1\.attention\.self\.query are one module"):
+        get_craft_model(model, tiny.config())
+
+
+def test_auto_weighs_the_merged_paths_memory(tiny):
+    # A 4096-wide, 32-layer model, q and v adapted, bf16: the merged path would hold 2 GiB.
+    two_gib = 32 * 2 * 4096 * 4096 * 2
+    assert choose_compute(16384, 4096, 4096, 64, 64) == "merged"  # on flops alone
+    assert choose_compute(16384, 4096, 4096, 64, 64, merged_bytes=two_gib) == "factored"
+    assert craft.MERGED_MEMORY_LIMIT == 256 * 2**20
+    elements = 2 * 3 * 32 * 32  # query and value, 3 layers, 32 x 32 each
+    x = torch.randn(64, 64, 32)  # 4096 tokens: merged is cheaper in flops
+    for limit, plain, autocast in [(elements * 4, "merged", "merged"), (elements * 4 - 1, "factored", "merged"), (elements * 2 - 1, "factored", "factored")]:
+        model, _ = tiny.build("bert")
+        layer = get_craft_model(model, tiny.config(), merged_memory_limit=limit).craft_layers()[0]
+        assert layer.merged_elements == elements
+        assert layer.choose(x) == plain, limit  # fp32: 4 bytes an element
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.choose(x) == autocast, limit  # bf16: 2 bytes an element
 
 
 def test_get_delta_weight_single_and_fused(tiny):
@@ -327,6 +410,41 @@ def test_load_onto_another_base_model(tiny, tmp_path):
     other, _ = tiny.build("bert", seed=1)
     with pytest.raises(ValueError, match="another base model"):
         CraftModel.from_pretrained(other, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_onto_the_same_base_in_another_dtype(tiny, tmp_path, dtype):
+    """Trained in fp32, served in half precision: the same base weights, so the adapter loads."""
+    model, inputs = tiny.build("bert", seed=0)
+    cm = get_craft_model(model, tiny.config(init_scale=0.1))
+    tiny.train(cm, inputs, steps=3)
+    adapted = tiny.logits(cm, inputs)
+    cm.save_pretrained(tmp_path)
+    half, _ = tiny.build("bert", seed=0)
+    loaded = CraftModel.from_pretrained(half.to(dtype), tmp_path)
+    for key, value in cm.adapter_state_dict().items():
+        if ".j_" in key:
+            assert torch.equal(loaded.adapter_state_dict()[key], value), key  # J stays float32
+    assert float((tiny.logits(loaded, inputs).float() - adapted).abs().max() / adapted.abs().max()) < 5e-2
+
+
+def test_load_refuses_weights_beyond_the_tolerance(tiny, tmp_path):
+    """0.1% of noise on one target weight is within SAME_WEIGHTS_RTOL (0.39%); 1% is not, and the
+    message gives the distance (a sketch's estimate: within 10% of the true 1%)."""
+    model, _ = tiny.build("bert", seed=0)
+    get_craft_model(model, tiny.config()).save_pretrained(tmp_path)
+    assert craft.SAME_WEIGHTS_RTOL == 2.0**-8
+    for share, accepted in [(1e-3, True), (1e-2, False)]:
+        other, _ = tiny.build("bert", seed=0)
+        with torch.no_grad():
+            w = other.bert.encoder.layer[1].attention.self.value.weight
+            noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+            w += noise * (share * w.norm() / noise.norm())  # ||W' - W|| = share * ||W||
+        if accepted:
+            CraftModel.from_pretrained(other, tmp_path)
+        else:
+            with pytest.raises(ValueError, match=r"another base model \(a target weight is (0\.9|1\.0)\d% away"):
+                CraftModel.from_pretrained(other, tmp_path)
 
 
 def test_from_pretrained_empty_directory(tiny, tmp_path):

@@ -9,6 +9,7 @@ import torch
 import yaml
 from conftest import sentiment_rows, write_csv
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from craft import CraftModel
@@ -60,6 +61,24 @@ def test_train_end_to_end_with_tracking(run_setup, tiny_model_dir, capsys):
     ids = torch.tensor([[2, 5, 6, 11, 3]])
     with torch.no_grad():
         assert torch.allclose(restored(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+
+
+def test_bf16_autocast_trains_on_cpu(run_setup):
+    """train.bf16: true with train.device: cpu runs under CPU bf16 autocast: it trains, the adapter
+    stays float32, and its losses differ from the float32 run's by bf16 rounding only."""
+    path, config, tmp = run_setup
+    losses = {}
+    for bf16 in (False, True):
+        run = {**config, "train": {**config["train"], "bf16": bf16, "device": "cpu"}, "output_dir": str(tmp / f"bf16-{bf16}")}
+        run["tracking"] = {"enabled": False}
+        path.write_text(yaml.safe_dump(run))
+        assert main(["train", str(path)]) == 0
+        summary = json.loads((tmp / f"bf16-{bf16}" / "metrics.json").read_text())
+        losses[bf16] = summary["final"]["validation/loss"]
+        saved = load_file(str(tmp / f"bf16-{bf16}" / "adapter" / "adapter_model.safetensors"))
+        assert all(v.dtype == torch.float32 for k, v in saved.items() if ".j_" in k)
+    assert losses[True] != losses[False]  # autocast did run
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)
 
 
 def test_resume_writes_into_the_same_mlflow_run(run_setup):
