@@ -1,7 +1,8 @@
 """Training-step time and memory of CRAFT against LoRA, a head-only baseline and the floor.
 
-What is measured, on a randomly initialised RoBERTa-base-shaped sequence classifier (the
-weights do not matter for speed) and one fixed batch of random token ids:
+What is measured, on a randomly initialised RoBERTa-base-shaped sequence classifier (or, with
+``--shape llama``, a LLaMA-shaped one: 2048 wide, 16 layers, grouped-query attention; the weights
+do not matter for speed) and one fixed batch of random token ids:
 
 * the wall time of one full training step (zero_grad, forward with labels, backward, AdamW
   step over the variant's trainable parameters) for each variant, interleaved over rounds in a
@@ -25,7 +26,7 @@ cost an in-layer adapter cannot avoid. An adapter's overhead is therefore its ti
 floor's, and CRAFT / floor close to 1 means its update costs next to nothing.
 
 Run ``python benchmarks/step_time.py`` on a quiet machine (``--device cuda [--bf16]`` on a
-GPU); ``--smoke`` checks the whole path on a tiny model in about half a minute (mostly the
+GPU; ``--bf16`` autocasts on the CPU too); ``--smoke`` checks the whole path on a tiny model in about half a minute (mostly the
 imports of the per-variant memory processes; ``--no-memory`` skips them).
 """
 
@@ -52,7 +53,7 @@ from pathlib import Path
 import torch
 from common import device_name, emit, log  # benchmarks/common.py, beside this script
 from torch import nn
-from transformers import RobertaConfig, RobertaForSequenceClassification
+from transformers import LlamaConfig, LlamaForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 import craft
 
@@ -67,6 +68,7 @@ LEARNING_RATE = 1e-3
 class Size:
     """Shape of one benchmark: the model, the batch and the CRAFT ranks."""
 
+    arch: str  # roberta or llama
     layers: int
     hidden: int
     heads: int
@@ -76,10 +78,26 @@ class Size:
     seq: int
     ranks: tuple[int, int, int]  # (rank_layers, rank_out, rank_in)
     rounds: int  # default number of timed rounds
+    kv_heads: int | None = None  # llama: key/value heads (grouped-query attention)
+
+    @property
+    def targets(self) -> list[str]:
+        """The query and value projections' module names."""
+        return ["query", "value"] if self.arch == "roberta" else ["q_proj", "v_proj"]
+
+    @property
+    def head(self) -> str:
+        """The classifier head's module name."""
+        return "classifier" if self.arch == "roberta" else "score"
 
 
-FULL = Size(layers=12, hidden=768, heads=12, intermediate=3072, vocab=50265, batch=16, seq=128, ranks=(12, 100, 100), rounds=5)
-SMOKE = Size(layers=2, hidden=64, heads=4, intermediate=128, vocab=1000, batch=2, seq=16, ranks=(2, 8, 8), rounds=1)
+FULL = Size("roberta", layers=12, hidden=768, heads=12, intermediate=3072, vocab=50265, batch=16, seq=128, ranks=(12, 100, 100), rounds=5)
+SMOKE = Size("roberta", layers=2, hidden=64, heads=4, intermediate=128, vocab=1000, batch=2, seq=16, ranks=(2, 8, 8), rounds=1)
+LLAMA = Size(
+    "llama", layers=16, hidden=2048, heads=16, intermediate=5632, vocab=32000, batch=16, seq=128, ranks=(16, 100, 100),
+    rounds=5, kv_heads=4,
+)  # fmt: skip
+SHAPES = {"roberta": FULL, "llama": LLAMA}
 
 
 @dataclass
@@ -95,8 +113,20 @@ class Variant:
 # --------------------------------------------------------------------------- building
 
 
-def model_config(size: Size) -> RobertaConfig:
-    """The RoBERTa config of ``size`` (dropout left at the config defaults)."""
+def model_config(size: Size) -> RobertaConfig | LlamaConfig:
+    """The config of ``size`` (dropout left at the config defaults)."""
+    if size.arch == "llama":
+        return LlamaConfig(
+            vocab_size=size.vocab,
+            hidden_size=size.hidden,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=size.kv_heads,
+            intermediate_size=size.intermediate,
+            max_position_embeddings=2048,
+            num_labels=2,
+            pad_token_id=0,
+        )
     return RobertaConfig(
         vocab_size=size.vocab,
         hidden_size=size.hidden,
@@ -112,14 +142,15 @@ def model_config(size: Size) -> RobertaConfig:
 def build_base(size: Size, seed: int, device: torch.device) -> nn.Module:
     """A freshly initialised classifier from ``seed``: identical weights on every call."""
     torch.manual_seed(seed)
-    return RobertaForSequenceClassification(model_config(size)).to(device)
+    cls = LlamaForSequenceClassification if size.arch == "llama" else RobertaForSequenceClassification
+    return cls(model_config(size)).to(device)
 
 
-def freeze_all_but_head(model: nn.Module) -> None:
+def freeze_all_but_head(model: nn.Module, size: Size) -> None:
     """Freeze every weight except the classifier head's."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in model.classifier.parameters():
+    for p in model.get_submodule(size.head).parameters():
         p.requires_grad_(True)
 
 
@@ -130,11 +161,11 @@ def wrap_craft(model: nn.Module, size: Size, compute: str) -> tuple[nn.Module, i
     return wrapped, wrapped.num_adapter_parameters()
 
 
-def wrap_lora(model: nn.Module) -> tuple[nn.Module, int]:
+def wrap_lora(model: nn.Module, size: Size) -> tuple[nn.Module, int]:
     """peft LoRA r=8 on query and value; returns (model, lora_ params)."""
     from peft import LoraConfig, get_peft_model  # imported here: slow, and only this variant needs it
 
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS")
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=size.targets, lora_dropout=0.0, task_type="SEQ_CLS")
     wrapped = get_peft_model(model, config)
     count = sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n and p.requires_grad)
     return wrapped, count
@@ -147,11 +178,11 @@ def build_variant(name: str, size: Size, seed: int, device: torch.device) -> Var
     if name in CRAFT_COMPUTE:
         model, adapter_params = wrap_craft(model, size, CRAFT_COMPUTE[name])
     elif name == "lora":
-        model, adapter_params = wrap_lora(model)
+        model, adapter_params = wrap_lora(model, size)
     elif name == "head":
-        freeze_all_but_head(model)
+        freeze_all_but_head(model, size)
     elif name == "floor":
-        freeze_all_but_head(model)
+        freeze_all_but_head(model, size)
         model.enable_input_require_grads()  # the backward now runs through every layer
     else:
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
@@ -161,15 +192,15 @@ def build_variant(name: str, size: Size, seed: int, device: torch.device) -> Var
     return Variant(name, model, optimizer, adapter_params)
 
 
-def head_param_count(variant: Variant) -> int:
+def head_param_count(variant: Variant, size: Size) -> int:
     """Trainable parameters of the classifier head (the same in every variant)."""
-    return sum(p.numel() for n, p in variant.model.named_parameters() if p.requires_grad and "classifier" in n)
+    return sum(p.numel() for n, p in variant.model.named_parameters() if p.requires_grad and size.head in n)
 
 
 def make_batch(size: Size, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Random token ids (no special tokens), a full attention mask and random labels."""
     gen = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(3, size.vocab, (size.batch, size.seq), generator=gen)  # 0-2 are <s>, <pad>, </s>
+    ids = torch.randint(3, size.vocab, (size.batch, size.seq), generator=gen)  # 0-2: special tokens in both vocabularies
     labels = torch.randint(0, 2, (size.batch,), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     return {k: v.to(device) for k, v in batch.items()}
@@ -187,7 +218,8 @@ def sync(device: torch.device) -> None:
 def train_step(variant: Variant, batch: dict[str, torch.Tensor], bf16: bool) -> None:
     """zero_grad, forward with labels, backward, AdamW step."""
     variant.optimizer.zero_grad(set_to_none=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    device = next(variant.model.parameters()).device.type
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
         loss = variant.model(**batch).loss
     loss.backward()
@@ -258,7 +290,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def memory_probe(name: str, size: Size, seed: int) -> dict:
+def memory_probe(name: str, size: Size, seed: int, bf16: bool = False) -> dict:
     """Child side: build ``name`` on the CPU, run one step, report the step's extra peak RSS.
 
     ru_maxrss also carries the peak RSS of the parent at spawn time (Linux copies it at exec).
@@ -271,20 +303,21 @@ def memory_probe(name: str, size: Size, seed: int) -> dict:
     gc.collect()
     was_reset = reset_peak_rss()
     before, before_hwm = rss_marks_kib()
-    train_step(variant, batch, bf16=False)
+    train_step(variant, batch, bf16=bf16)
     after, after_hwm = rss_marks_kib()
     inherited = before_hwm is not None and before > before_hwm + 1024
     extra_kib = (after_hwm - before_hwm) if inherited else (after - before)
     return {"variant": name, "extra_mib": extra_kib / 1024, "inherited": inherited, "reset": was_reset}
 
 
-def cpu_memory_mib(names: list[str], smoke: bool, seed: int, size: Size) -> dict[str, dict]:
+def cpu_memory_mib(names: list[str], smoke: bool, seed: int, size: Size, bf16: bool = False) -> dict[str, dict]:
     """Parent side: one fresh subprocess per variant (two at a time), each running :func:`memory_probe`."""
 
     def probe(name: str) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", name, "--seed", str(seed)]
-        cmd += ["--batch", str(size.batch), "--seq", str(size.seq)]
+        cmd += ["--batch", str(size.batch), "--seq", str(size.seq), "--shape", size.arch]
         cmd += ["--smoke"] if smoke else []
+        cmd += ["--bf16"] if bf16 else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory probe of {name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -319,7 +352,7 @@ def header(args: argparse.Namespace, size: Size, device: torch.device, head_para
     import transformers
 
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    shape = f"{size.layers} layers x {size.hidden} wide"
+    shape = f"{size.layers} layers x {size.hidden} wide" + (f", {size.kv_heads} key/value heads" if size.kv_heads else "")
     precision = "bf16 autocast" if args.bf16 else "fp32"
     return "\n".join(
         [
@@ -327,8 +360,8 @@ def header(args: argparse.Namespace, size: Size, device: torch.device, head_para
             f"device {device_name(device)} | threads {torch.get_num_threads()}",
             "",
             f"- command: `{shlex.join(sys.orig_argv)}`",
-            f"- model: RoBERTa {shape} (random init, seed {args.seed}), batch {size.batch} x {size.seq} tokens, {precision}",
-            f"- CRAFT ranks (layers, out, in) = {size.ranks}; LoRA r=8 on query, value; AdamW lr {LEARNING_RATE}",
+            f"- model: {size.arch} {shape} (random init, seed {args.seed}), batch {size.batch} x {size.seq} tokens, {precision}",
+            f"- CRAFT ranks (layers, out, in) = {size.ranks}; LoRA r=8 on {', '.join(size.targets)}; AdamW lr {LEARNING_RATE}",
             f"- {dropout_note(size)}",
             f"- classifier head ({head_params} params) trains in every variant; counted apart from the adapter",
             f"- {WARMUP_STEPS} warm-up steps per variant, then {args.rounds} interleaved round(s) in shuffled order",
@@ -340,6 +373,8 @@ def header(args: argparse.Namespace, size: Size, device: torch.device, head_para
 def dropout_note(size: Size) -> str:
     """The dropout policy, with the config's default rates."""
     config = model_config(size)
+    if size.arch == "llama":
+        return f"dropout: attention {config.attention_dropout} (LLaMA has no other), train() mode, identical for every variant"
     return (
         f"dropout: config defaults (hidden {config.hidden_dropout_prob}, attention {config.attention_probs_dropout_prob}), "
         "train() mode, identical for every variant"
@@ -430,7 +465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="variants to run (default: all)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; 1 with --smoke)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (cuda only)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (CUDA, or the CPU's)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="roberta", help="roberta-base (default) or llama (2048 x 16, GQA)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, batch 2x16, ranks 2/8/8, 1 round: a quick check")
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default 16; 2 with --smoke)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; 16 with --smoke)")
@@ -439,8 +475,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None, help="also append the markdown report to this file")
     parser.add_argument("--memory-probe", default=None, choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.bf16 and not args.device.startswith("cuda"):
-        parser.error("--bf16 needs --device cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but torch sees no GPU")
     if args.rounds is not None and args.rounds < 1:
@@ -452,10 +486,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Measure, then print the report (and append it to --output)."""
     args = parse_args(argv)
-    size = SMOKE if args.smoke else FULL
+    size = SMOKE if args.smoke else SHAPES[args.shape]
     size = dataclasses.replace(size, batch=args.batch or size.batch, seq=args.seq or size.seq)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, size, args.seed)))
+        print(json.dumps(memory_probe(args.memory_probe, size, args.seed, args.bf16)))
         return
     args.rounds = args.rounds or size.rounds
     device = torch.device(args.device)
@@ -463,14 +497,14 @@ def main(argv: list[str] | None = None) -> None:
     memory: dict[str, dict] = {}
     if not args.no_memory and device.type == "cpu":
         log("peak memory: one fresh process per variant ...")  # first, while this process is small
-        memory = cpu_memory_mib(args.variants, args.smoke, args.seed, size)
+        memory = cpu_memory_mib(args.variants, args.smoke, args.seed, size, args.bf16)
 
     log("HOSVD timing ...")
     hosvd_s = time_hosvd(size, args.seed, device)
     log(f"building {', '.join(args.variants)} ...")
     variants = [build_variant(name, size, args.seed, device) for name in args.variants]
     batch = make_batch(size, args.seed, device)
-    head_params = head_param_count(variants[0])
+    head_params = head_param_count(variants[0], size)
 
     log("warm-up ...")
     for v in variants:

@@ -14,7 +14,8 @@ part it carries (a fused projection such as ``c_attn`` carries one part per adap
 Two equivalent ways to compute it (see :func:`choose_compute`):
 
 * ``factored``: y = base(x) + (x U_in) P_l with P_l = M_l^T U_out^T (r_in, d_out), computed for
-  all layers in one product per pass; per projection one matmul and one fused in-place addmm.
+  all layers in one product per pass; per projection one matmul and one addmm (the add fused).
+  A fused projection's slice gets P_l padded with zero columns to the full output.
 * ``merged``: y = x (W_l + U_out M_l U_in^T)^T through :class:`_MergedLinear`, whose backward
   gets dM = (dy U_out)^T (x U_in) directly, never the d_out x d_in weight gradient. It holds
   one d_out x d_in weight per projection per step and wins once a batch holds a few hundred
@@ -30,6 +31,7 @@ dtype, and no in-place op mixes dtypes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .targets import is_conv1d
 from .tucker import Tucker
 
 __all__ = [
@@ -90,8 +93,8 @@ class CraftAdapter(nn.Module):
         self.j_layers = nn.Parameter(_init_j(core.shape[0], init_scale, generator, dtype))
         self.j_out = nn.Parameter(_init_j(core.shape[1], init_scale, generator, dtype))
         self.j_in = nn.Parameter(_init_j(core.shape[2], init_scale, generator, dtype))
-        # Per pass: (kind, dtype) -> (key, tensor, per-layer views); per dtype: cast factors.
-        self._shared: dict[tuple[str, torch.dtype], tuple[tuple, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        # Per pass: (kind, dtype, padding) -> (key, tensor, per-layer views); per dtype: cast factors.
+        self._shared: dict[tuple, tuple[tuple, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
         self._cast: dict[torch.dtype, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -109,19 +112,26 @@ class CraftAdapter(nn.Module):
         outside any checkpointed layer), so a J written through ``.data`` is seen too."""
         self._shared.clear()
 
-    def _per_pass(self, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def _per_pass(
+        self, kind: str, dtype: torch.dtype, pad: tuple[int, int] = (0, 0)
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         # Recomputed when a J changes version, the tensors move, or grad mode changes.
         tensors = (self.j_layers, self.j_out, self.j_in, self.core)
         key = (torch.is_grad_enabled(),) + tuple((t._version, t.data_ptr()) for t in tensors)
-        hit = self._shared.get((kind, dtype))
+        hit = self._shared.get((kind, dtype, pad))
         if hit is None or hit[0] != key:
-            fn = _projections if kind == "projections" else _middles
-            frozen = (self.u_layers, self.core, self.core_base, self.u_out)
-            out = _Shared.apply(fn, dtype, self.j_layers, self.j_out, self.j_in, *frozen)
+            fn = functools.partial(_projections, pad=pad) if kind == "projections" else _middles
+            fn = functools.partial(fn, dtype=dtype)
+            js, frozen = (self.j_layers, self.j_out, self.j_in), (self.u_layers, self.core, self.core_base, self.u_out)
+            if torch.is_grad_enabled() and any(j.requires_grad for j in js):
+                out = _Shared.apply(fn, *js, *frozen)
+            else:
+                with torch.autocast(self.u_out.device.type, enabled=False):
+                    out = fn(*js, *frozen)
             # One unbind per pass: its backward stacks the layers' gradients in one op, where
             # indexing per layer would zero-fill and add an (L, ...) tensor per layer.
             hit = (key, out, out.unbind(0))
-            self._shared[(kind, dtype)] = hit
+            self._shared[(kind, dtype, pad)] = hit
         return hit[1], hit[2]
 
     def middles(self, refresh: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -142,9 +152,13 @@ class CraftAdapter(nn.Module):
         """M of one layer, shape (r_out, r_in), from the pass's shared computation."""
         return self._per_pass("middles", dtype or self.dtype)[1][layer]
 
-    def projection(self, layer: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """P_l = M_l^T U_out^T of one layer, shape (r_in, d_out): the update is (x U_in) P_l."""
-        return self._per_pass("projections", dtype or self.dtype)[1][layer]
+    def projection(self, layer: int, dtype: torch.dtype | None = None, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """P_l = M_l^T U_out^T of one layer, shape (r_in, d_out): the update is (x U_in) P_l.
+
+        Args:
+            pad: zero columns before and after P_l, so that it spans a fused projection's output.
+        """
+        return self._per_pass("projections", dtype or self.dtype, pad)[1][layer]
 
     def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_out, U_in) in ``dtype``, cast once per dtype and device (frozen, so never stale)."""
@@ -163,13 +177,9 @@ class CraftAdapter(nn.Module):
         return self.u_out @ mid @ self.u_in.T  # (d_out, d_in)
 
 
-def _minus_eye(j: torch.Tensor) -> torch.Tensor:
-    return j - torch.eye(j.shape[0], dtype=j.dtype, device=j.device)
-
-
 def _compute_middles(j_layers, j_out, j_in, u_layers, core, core_base) -> torch.Tensor:
     """M = dG + D_out Gt J_in^T + Gt D_in^T with D = J - I: exactly 0 at J = I."""
-    d_layers, d_out, d_in = (_minus_eye(j) for j in (j_layers, j_out, j_in))
+    d_layers, d_out, d_in = (j - _eye(j.shape[0], j.dtype, j.device) for j in (j_layers, j_out, j_in))
     delta_core = torch.einsum("lk,kab->lab", u_layers @ d_layers, core)  # dG: (L, r_out, r_in)
     top = core_base + delta_core  # Gt: (L, r_out, r_in)
     return (
@@ -179,15 +189,24 @@ def _compute_middles(j_layers, j_out, j_in, u_layers, core, core_base) -> torch.
     )
 
 
-def _middles(dtype, j_layers, j_out, j_in, u_layers, core, core_base, u_out) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _eye(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An identity matrix, made once per size, dtype and device (two kernels fewer per J per pass)."""
+    with torch.inference_mode(False), torch.no_grad():  # a plain constant, usable in any later graph
+        return torch.eye(n, dtype=dtype, device=device)
+
+
+def _middles(j_layers, j_out, j_in, u_layers, core, core_base, u_out, *, dtype) -> torch.Tensor:
     """M in the working dtype, cast to ``dtype``: (L, r_out, r_in)."""
     return _compute_middles(j_layers, j_out, j_in, u_layers, core, core_base).to(dtype)
 
 
-def _projections(dtype, j_layers, j_out, j_in, u_layers, core, core_base, u_out) -> torch.Tensor:
-    """P = M^T U_out^T for every layer in the working dtype, cast to ``dtype``: (L, r_in, d_out)."""
+def _projections(j_layers, j_out, j_in, u_layers, core, core_base, u_out, *, dtype, pad) -> torch.Tensor:
+    """P = M^T U_out^T for every layer in the working dtype, cast to ``dtype``, with ``pad``
+    zero columns before and after: (L, r_in, pad[0] + d_out + pad[1])."""
     mids = _compute_middles(j_layers, j_out, j_in, u_layers, core, core_base)  # (L, r_out, r_in)
-    return torch.einsum("loi,do->lid", mids, u_out).to(dtype)  # (L, r_in, d_out)
+    projections = torch.einsum("loi,do->lid", mids, u_out).to(dtype)  # (L, r_in, d_out)
+    return F.pad(projections, pad) if any(pad) else projections
 
 
 class _Shared(torch.autograd.Function):
@@ -195,27 +214,34 @@ class _Shared(torch.autograd.Function):
 
     The tensor (M or P) is shared by every layer. Reentrant activation checkpointing
     back-propagates each layer in a backward call of its own, so its graph is walked once per
-    layer; the usual saved tensors would be freed after the first walk. Here the inputs are
-    kept on ``ctx`` (r x r matrices and the frozen factors) and backward recomputes the small
-    graph each time. Autocast is off inside: the working dtype is what the caller chose.
+    layer; the usual saved tensors would be freed after the first walk. Here the small graph
+    (r x r matrices, L x r x r middles) is built on detached J leaves, kept on ``ctx`` and walked
+    with ``retain_graph`` each time; it goes when the model's graph goes. Autocast is off
+    inside: the working dtype is what the caller chose.
     """
 
     @staticmethod
-    def forward(ctx, fn: Callable, dtype: torch.dtype, j_layers, j_out, j_in, *frozen):  # noqa: D102
-        ctx.fn, ctx.dtype, ctx.frozen = fn, dtype, frozen
-        ctx.js = tuple(t.detach().clone() for t in (j_layers, j_out, j_in))
-        with torch.autocast(j_out.device.type, enabled=False):
-            return fn(dtype, j_layers, j_out, j_in, *frozen)
+    def forward(ctx, fn: Callable, j_layers, j_out, j_in, *frozen):  # noqa: D102
+        js = (j_layers, j_out, j_in)
+        ctx.js, ctx.versions = js, tuple(j._version for j in js)
+        # Identity saved-tensor hooks: the small graph keeps its tensors as they are, out of reach of
+        # an enclosing non-reentrant checkpoint, which would otherwise count them in one pass only.
+        with torch.enable_grad(), torch.autocast(j_out.device.type, enabled=False), _keep_saved():
+            ctx.leaves = [j.detach().requires_grad_(n) for j, n in zip(js, ctx.needs_input_grad[1:4])]
+            ctx.out = fn(*ctx.leaves, *frozen)
+        return ctx.out.detach()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        needs = ctx.needs_input_grad[2:5]
-        with torch.enable_grad(), torch.autocast(grad.device.type, enabled=False):
-            leaves = [j.detach().requires_grad_(n) for j, n in zip(ctx.js, needs)]
-            out = ctx.fn(ctx.dtype, *leaves, *ctx.frozen)
-            wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            found = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-        return (None, None, *[next(found) if n else None for n in needs], *[None] * len(ctx.frozen))
+        if tuple(j._version for j in ctx.js) != ctx.versions:
+            raise RuntimeError("a CRAFT J matrix was modified in place between the forward pass and its backward")
+        wanted = [leaf for leaf in ctx.leaves if leaf.requires_grad]
+        found = iter(torch.autograd.grad(ctx.out, wanted, grad, retain_graph=True) if wanted else ())
+        return (None, *[next(found) if leaf.requires_grad else None for leaf in ctx.leaves], *[None] * (len(ctx.needs_input_grad) - 4))
+
+
+def _keep_saved() -> torch.autograd.graph.saved_tensors_hooks:
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
 
 
 def _init_j(rank: int, scale: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -382,15 +408,27 @@ class CraftLinear(nn.Module):
             mids = [p.adapter.middle(p.layer, dtype) for p in self._parts]  # (r_out, r_in) each
             spec = tuple((p.rows, *p.adapter.factors(dtype)) for p in self._parts)
             return _MergedLinear.apply(x, self.base_weight(), _bias(self.base_layer), dtype, spec, *mids)
-        out = self.base_layer(x)  # (..., out), in the compute dtype
-        dtype = out.dtype
-        flat = out.view(-1, out.shape[-1])  # (N, out)
-        rows_in = _as(x.reshape(-1, x.shape[-1]), dtype)  # (N, in)
+        rows_in = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = _base_2d(self.base_layer, rows_in)  # (N, out), in the compute dtype
+        dtype, width = out.dtype, out.shape[-1]
+        rows_in = _as(rows_in, dtype)
         for p in self._parts:
             projected = rows_in @ p.adapter.factors(dtype)[1]  # x U_in: (N, r_in)
-            target = flat if p.rows is None else flat[:, p.rows[0] : p.rows[1]]
-            target.addmm_(projected, p.adapter.projection(p.layer, dtype))  # += (x U_in) P_l: (N, d_out)
-        return out
+            pad = (0, 0) if p.rows is None else (p.rows[0], width - p.rows[1])
+            projection = p.adapter.projection(p.layer, dtype, pad)  # (r_in, out)
+            if out._is_view():  # in place on a view would cost autograd a copy of the output
+                out = torch.addmm(out, projected, projection)  # + (x U_in) P_l: (N, out)
+            else:
+                out.addmm_(projected, projection)  # += (x U_in) P_l, one kernel: (N, out)
+        return out.view(*x.shape[:-1], width)
+
+
+def _base_2d(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """The base projection of (N, in) rows, (N, out): a fresh tensor (not a view) where possible,
+    so that the update can be added in place. Nothing saved for backward is the output."""
+    if is_conv1d(module):
+        return torch.addmm(module.bias, rows, module.weight)  # what Conv1D computes, without its final view
+    return module(rows)
 
 
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
