@@ -126,6 +126,7 @@ def _bad(tmp, name, text):
         ("unknown_key", "unknown key(s) ['colour']"),
         ("malformed_yaml", "not valid YAML"),
         ("unreachable_server", "unreachable"),
+        ("bad_adapter_dtype", "adapter_dtype must be one of auto, model"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero_exit(case, words, run_setup, capsys):
@@ -151,6 +152,8 @@ def test_bad_input_is_one_line_and_nonzero_exit(case, words, run_setup, capsys):
         args = ["train", str(_bad(tmp, "bad.yaml", "model: [unclosed\n"))]
     elif case == "unreachable_server":
         args += ["--tracking-uri", "http://127.0.0.1:9"]
+    elif case == "bad_adapter_dtype":
+        args += ["--set", "craft.adapter_dtype=fp8"]
     assert main(args) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("craft-search: error:"), err
