@@ -159,3 +159,4 @@ def test_bad_input_is_one_line_and_nonzero_exit(case, words, run_setup, capsys):
     assert err.startswith("craft-search: error:"), err
     assert words in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp / "run").exists(), "bad input wrote an output directory"
