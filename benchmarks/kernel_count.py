@@ -87,7 +87,7 @@ def phase_of(event) -> str | None:
     return label
 
 
-def count_step(name: str, size: Size) -> dict[str, int]:
+def count_step(name: str, size: Size, bf16: bool = False) -> dict[str, int]:
     """Kernel-launching aten ops of one training step of variant ``name``, by phase."""
     device = torch.device("cpu")
     variant = build_variant(name, size, seed=0, device=device)
@@ -97,7 +97,7 @@ def count_step(name: str, size: Size) -> dict[str, int]:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with record_function("forward"):
+        with record_function("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = variant.model(**batch).loss
         with record_function("backward"):
             loss.backward()
@@ -126,7 +126,7 @@ def report(shapes: dict[str, Size], width: int, args: argparse.Namespace) -> str
         "",
         f"- command: `{shlex.join(sys.orig_argv)}`",
         f"- kernel-launching aten ops per training step (torch.profiler, CPU), {width} wide, batch 2 x 16, "
-        "AdamW foreach; views and allocations not counted",
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, AdamW foreach; views and allocations not counted",
         "",
         "| shape | variant | forward | backward | forward + backward | / LoRA's | above the floor's | optimizer (CPU) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -135,7 +135,7 @@ def report(shapes: dict[str, Size], width: int, args: argparse.Namespace) -> str
         counted = {}
         for name in args.variants:
             log(f"{shape}: {name} ...")
-            counted[name] = count_step(name, narrow(size, width))
+            counted[name] = count_step(name, narrow(size, width), args.bf16)
         body = {name: phases["forward"] + phases["backward"] for name, phases in counted.items()}
         for name, phases in counted.items():
             ratio = f"{body[name] / body['lora']:.2f}" if "lora" in body else "n/a"
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--width", type=int, default=128, help="hidden size of the counted models (default 128)")
+    parser.add_argument("--bf16", action="store_true", help="the forward under bf16 autocast (the CPU's, same dtype logic as CUDA's)")
     parser.add_argument("--output", default=None, help="also append the markdown report to this file")
     args = parser.parse_args(argv)
     if args.width < 64 or args.width % 64:

@@ -79,6 +79,7 @@ class Size:
     ranks: tuple[int, int, int]  # (rank_layers, rank_out, rank_in)
     rounds: int  # default number of timed rounds
     kv_heads: int | None = None  # llama: key/value heads (grouped-query attention)
+    dtype: str = "float32"  # the model's weights
 
     @property
     def targets(self) -> list[str]:
@@ -98,6 +99,12 @@ LLAMA = Size(
     rounds=5, kv_heads=4,
 )  # fmt: skip
 SHAPES = {"roberta": FULL, "llama": LLAMA}
+SMOKES = {
+    "roberta": SMOKE,
+    "llama": dataclasses.replace(
+        LLAMA, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=1000, batch=2, seq=16, ranks=(2, 8, 8), rounds=1
+    ),
+}
 
 
 @dataclass
@@ -140,10 +147,11 @@ def model_config(size: Size) -> RobertaConfig | LlamaConfig:
 
 
 def build_base(size: Size, seed: int, device: torch.device) -> nn.Module:
-    """A freshly initialised classifier from ``seed``: identical weights on every call."""
+    """A freshly initialised classifier from ``seed``: identical weights on every call, in
+    ``size.dtype`` (a bf16 model is what users load LLaMA-like checkpoints as)."""
     torch.manual_seed(seed)
     cls = LlamaForSequenceClassification if size.arch == "llama" else RobertaForSequenceClassification
-    return cls(model_config(size)).to(device)
+    return cls(model_config(size)).to(device=device, dtype=getattr(torch, size.dtype))
 
 
 def freeze_all_but_head(model: nn.Module, size: Size) -> None:
@@ -315,7 +323,7 @@ def cpu_memory_mib(names: list[str], smoke: bool, seed: int, size: Size, bf16: b
 
     def probe(name: str) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", name, "--seed", str(seed)]
-        cmd += ["--batch", str(size.batch), "--seq", str(size.seq), "--shape", size.arch]
+        cmd += ["--batch", str(size.batch), "--seq", str(size.seq), "--shape", size.arch, "--model-dtype", size.dtype]
         cmd += ["--smoke"] if smoke else []
         cmd += ["--bf16"] if bf16 else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -353,7 +361,7 @@ def header(args: argparse.Namespace, size: Size, device: torch.device, head_para
 
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     shape = f"{size.layers} layers x {size.hidden} wide" + (f", {size.kv_heads} key/value heads" if size.kv_heads else "")
-    precision = "bf16 autocast" if args.bf16 else "fp32"
+    precision = ("bf16 autocast" if args.bf16 else "no autocast") + f", {size.dtype} weights"
     return "\n".join(
         [
             f"## step_time: {now} | torch {torch.__version__} | transformers {transformers.__version__} | "
@@ -467,6 +475,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (CUDA, or the CPU's)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="roberta", help="roberta-base (default) or llama (2048 x 16, GQA)")
+    parser.add_argument(
+        "--model-dtype", choices=["float32", "bfloat16"], default="float32", help="the model's weights (CRAFT's J stay float32)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, batch 2x16, ranks 2/8/8, 1 round: a quick check")
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default 16; 2 with --smoke)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; 16 with --smoke)")
@@ -486,8 +497,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Measure, then print the report (and append it to --output)."""
     args = parse_args(argv)
-    size = SMOKE if args.smoke else SHAPES[args.shape]
-    size = dataclasses.replace(size, batch=args.batch or size.batch, seq=args.seq or size.seq)
+    size = (SMOKES if args.smoke else SHAPES)[args.shape]
+    size = dataclasses.replace(size, batch=args.batch or size.batch, seq=args.seq or size.seq, dtype=args.model_dtype)
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, size, args.seed, args.bf16)))
         return

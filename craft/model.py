@@ -84,13 +84,10 @@ class CraftModel(nn.Module):
         if not self._input_grads and torch.is_grad_enabled() and _checkpointing(self.base_model):
             # Reentrant checkpointing back-propagates through a layer only when its input requires
             # grad; frozen embeddings (a vision model's patches) give none, so J would get none.
+            # transformers does this for text models only; every transformers model offers it.
             enable = getattr(self.base_model, "enable_input_require_grads", None)
-            if enable is None:
-                raise ValueError(
-                    f"{type(self.base_model).__name__} checkpoints activations but has no enable_input_require_grads; "
-                    "CRAFT's J would get no gradient through reentrant checkpointing: use use_reentrant=False"
-                )
-            enable()
+            if enable is not None:
+                enable()
             self._input_grads = True
 
     def __getattr__(self, name: str):
@@ -260,6 +257,7 @@ def adapter_dtype(config: CraftConfig, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def _checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model has activation checkpointing on (False for other modules)."""
     on = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
     return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
 
