@@ -96,7 +96,7 @@ def test_j_trains_in_fp32_and_its_diagonal_moves(tiny, name, precision, compute)
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_gradients_match_a_float64_reference_on_both_paths(tiny, name, precision):
     """Both paths' J gradients and logits are within the precision's tolerance of float64's,
-    computed on the same weights (the low-precision model cast up to float64)."""
+    computed on the same weights (the low-precision model cast up to float64), and of each other."""
     dtype, autocast, tol = PRECISIONS[precision]
     model, inputs = _build(tiny, name, dtype)
     reference = get_craft_model(model.double(), tiny.config(init_scale=0.1), compute="factored")
@@ -104,13 +104,18 @@ def test_gradients_match_a_float64_reference_on_both_paths(tiny, name, precision
     ref_logits, ref_grads = _loss_and_grads(
         reference, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}, False, torch.float64
     )
+    paths = {}
     for compute in ("factored", "merged"):
         model, inputs = _build(tiny, name, dtype)
         cm = get_craft_model(model, tiny.config(init_scale=0.1), compute=compute)
-        logits, grads = _loss_and_grads(cm, inputs, autocast, dtype)
+        logits, grads = paths[compute] = _loss_and_grads(cm, inputs, autocast, dtype)
         assert float((logits - ref_logits).abs().max() / ref_logits.abs().max()) <= tol, compute
         for n in J_NAMES:
             assert _relative(grads[n], ref_grads[n]) <= tol, f"{compute} {n}: {_relative(grads[n], ref_grads[n]):.2e}"
+    (factored, f_grads), (merged, m_grads) = paths["factored"], paths["merged"]
+    assert float((factored - merged).abs().max() / factored.abs().max()) <= tol  # the two paths agree
+    for n in J_NAMES:
+        assert _relative(m_grads[n], f_grads[n]) <= tol, f"paths differ on {n}"
 
 
 @pytest.mark.parametrize("precision", ["bf16", "autocast-bf16"])
