@@ -25,6 +25,7 @@ import datetime
 import shlex
 import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 from common import emit, log  # benchmarks/common.py, beside this script
@@ -164,8 +165,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.width < 64 or args.width % 64:
         parser.error("--width must be a positive multiple of 64")
     torch.set_num_threads(1)
-    from pathlib import Path
-
     emit(report({"roberta": FULL, "llama": LLAMA}, args.width, args), Path(args.output) if args.output else None)
 
 

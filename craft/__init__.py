@@ -5,12 +5,13 @@ their HOSVD, freezes every factor and trains one small square matrix per mode an
 type. Usable on its own, like peft: nothing here imports ray, mlflow or the search.
 """
 
+from .adapter import CraftAdapter
 from .config import CONFIG_NAME, CraftConfig
 from .data import make_loader, tokenize_task
 from .factors import Factors, check_ranks, compute_factors
 from .hub import DEMO_MODEL, load_model, load_tokenizer
 from .job import JobResult, run_job
-from .layer import MERGED_MEMORY_LIMIT, AdapterPart, CraftAdapter, CraftLinear, choose_compute, compute_dtype
+from .layer import MERGED_MEMORY_LIMIT, AdapterPart, CraftLinear, choose_compute, compute_dtype
 from .methods import AdaptedModel, apply_method, merged_model, parameter_groups, save_adapter
 from .metrics import compute_metrics
 from .model import ADAPTER_NAME, CraftModel, adapter_dtype, find_heads, get_craft_model

@@ -11,9 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .adapter import CraftAdapter
 from .config import CraftConfig
 from .factors import Factors, check_ranks
-from .layer import MERGED_MEMORY_LIMIT, AdapterPart, CraftAdapter, CraftLinear
+from .layer import MERGED_MEMORY_LIMIT, AdapterPart, CraftLinear
 from .targets import (
     DEFAULT_HEADS,
     SAME_WEIGHTS_RTOL,
@@ -67,7 +68,7 @@ class CraftModel(nn.Module):
         self.base_model = model
         self.craft_config = config
         self.fingerprint = fingerprint
-        self.sketch = weights_sketch(model, stacks)
+        self._sketch: dict[str, torch.Tensor] | None = None  # weights_sketch of the base, made when first needed
         self.target_names = [s.name for s in stacks]
         self.stacks = stacks
         self.craft_adapters = nn.ModuleList(adapters).to(reference.device)
@@ -76,6 +77,15 @@ class CraftModel(nn.Module):
         self._freeze(self.head_names)
         self._input_grads = False
         self._hook = model.register_forward_pre_hook(self._refresh)
+
+    @property
+    def sketch(self) -> dict[str, torch.Tensor]:
+        """:func:`~craft.targets.weights_sketch` of the base target weights, saved with the adapter so
+        that loading can tell the same base in another dtype. Made on first use (a save, or the
+        first :meth:`merge`, before the weights change), not at every wrap."""
+        if self._sketch is None:
+            self._sketch = weights_sketch(self.base_model, self.stacks)
+        return self._sketch
 
     def _refresh(self, *_) -> None:
         # New per-pass tensors for every model call, made before any (checkpointed) layer runs.
@@ -138,6 +148,7 @@ class CraftModel(nn.Module):
         A weight shared with another module (tied weights) is not written into: its projection
         gets a merged copy of its own, so the merged model computes what the adapted one does.
         """
+        self.sketch  # noqa: B018 - of the base weights, before they change
         shared = _shared_storages(self.base_model)
         for layer in self.craft_layers():
             layer.merge(untie=_storage(layer.base_layer.weight) in shared)
@@ -205,9 +216,10 @@ class CraftModel(nn.Module):
             raise ValueError(f"{path} is not a CRAFT adapter ({_FORMAT}); save it with CraftModel.save_pretrained")
         sketch = {k.removeprefix(_SKETCH_PREFIX): tensors.pop(k) for k in list(tensors) if k.startswith(_SKETCH_PREFIX)}
         stacks = find_targets(model, config.target_modules)
-        found = weights_fingerprint(model, stacks)
+        found, found_sketch = weights_fingerprint(model, stacks), None
         if found != meta["fingerprint"]:
-            distance = sketch_distance(weights_sketch(model, stacks), sketch) if sketch else float("inf")
+            found_sketch = weights_sketch(model, stacks) if sketch else None
+            distance = sketch_distance(found_sketch, sketch) if sketch else float("inf")
             if distance > SAME_WEIGHTS_RTOL:
                 away = f"a target weight is {distance:.2%} away" if distance < float("inf") else "the weights differ"
                 raise ValueError(
@@ -215,6 +227,7 @@ class CraftModel(nn.Module):
                     f"dtype is within {SAME_WEIGHTS_RTOL:.2%}); load it onto the model it was saved from"
                 )
         craft = cls(model, config, factors)
+        craft._sketch = found_sketch  # None: made when first needed
         craft.load_adapter_state_dict(tensors)
         return craft
 

@@ -171,6 +171,7 @@ def _check_disjoint(stacks: list[TargetStack]) -> None:
 
 def _site_weight(model: nn.Module, site: Site) -> torch.Tensor:
     module = model.get_submodule(site.module_name)
+    module = getattr(module, "base_layer", module)  # a wrapped projection (CRAFT's, peft's): its base
     weight = module.weight if isinstance(module, nn.Linear) else module.weight.T  # (out, in)
     if site.rows is not None:
         weight = weight[site.rows[0] : site.rows[1]]
