@@ -1,4 +1,5 @@
-"""Ray Tune callbacks of a sweep, run in the driver: MLflow child runs and the progress lines.
+"""Ray Tune callbacks of a sweep, run in the driver: MLflow child runs, the progress lines, and
+the copy of the Optuna study in object storage.
 
 The driver is the only writer of every MLflow run of a sweep: the parent and one nested run per
 trial (params, metrics at every evaluation, adapter parameters, outcome). A trial's child run is
@@ -7,23 +8,42 @@ found again by its trial-id tag, so a resumed sweep or a retried trial never ope
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sqlite3
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from .names import ADAPTER_PARAMETERS, CONFIG_TAG, FINAL_SCORE, NODE_ID, OUTCOME_TAG, PRUNED_TAG, SCORE, STEP, TRIAL_ID_TAG
+from .layout import STUDY_FILE
+from .names import (
+    ADAPTER_PARAMETERS,
+    CONFIG_TAG,
+    FINAL_SCORE,
+    GPU_IDS,
+    NODE_ID,
+    OUTCOME_TAG,
+    PRUNED_TAG,
+    SCORE,
+    STEP,
+    TRIAL_ID_TAG,
+)
+from .searcher import current_study_url
 from .space import describe_config
 from .spec import SweepSpec
+from .storage import SweepStore
 from .tracking import RunTracker
 
-__all__ = ["MlflowSweepCallback", "ProgressCallback", "trial_outcome", "error_line"]
+__all__ = ["MlflowSweepCallback", "ProgressCallback", "StudyMirrorCallback", "mirror_study", "trial_outcome", "error_line"]
 
-_SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint", NODE_ID, "started_at", "finished_at"}
+_SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint", NODE_ID, GPU_IDS, "device",
+                                 "started_at", "finished_at"}  # fmt: skip
 
 
 def trial_outcome(trial: Any, ended: bool = False) -> str:
@@ -102,8 +122,8 @@ class MlflowSweepCallback(Callback):
         metrics = {k: v for k, v in result.items() if k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)}
         tracker.log_metrics(metrics, step=int(result.get(STEP, 0)))
         node = result.get(NODE_ID)
-        if node and self._nodes.get(trial.trial_id) != node:
-            tracker.set_tags({"craft.node_id": node})
+        if node and self._nodes.get(trial.trial_id) != node:  # the device assignment too: it changes with the node
+            tracker.set_tags({"craft.node_id": node, "craft.gpu_ids": str(result.get(GPU_IDS, "")), "craft.device": str(result.get("device", ""))})
             self._nodes[trial.trial_id] = node
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info) -> None:
@@ -157,3 +177,51 @@ class ProgressCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
         self._print(trials, trial, "failed")
+
+
+def mirror_study(study_url: str, store: SweepStore, unless: str | None = None) -> str:
+    """Copy the SQLite study at ``study_url`` to ``STUDY_FILE`` in ``store``: a consistent copy
+    (SQLite's backup), written to the storage whole, unless its content hash is ``unless`` (the
+    copy already there). Returns the hash."""
+    source = study_url.removeprefix("sqlite:///")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / STUDY_FILE
+        src, dst = sqlite3.connect(source), sqlite3.connect(copy)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+        if digest != unless:
+            store.upload(copy, STUDY_FILE)
+    return digest
+
+
+class StudyMirrorCallback(Callback):
+    """With object storage: the driver's SQLite study, copied to the sweep's storage with every
+    snapshot of the sweep's state, when it changed.
+
+    Ray Tune saves the searcher, then the callbacks (this one's :meth:`get_state`), then copies
+    the snapshot to the storage: the study copied here holds every Optuna trial the saved searcher
+    names, and every ending it has told, so a sweep resumed elsewhere from the storage alone finds
+    each of them. (Whether it changed is told by its content: two writes within one tick of the
+    file system's clock leave its time and size alike.)
+
+    Args:
+        storage: the sweep's storage (a URI).
+        name: the sweep's name.
+    """
+
+    def __init__(self, storage: str, name: str):
+        self.storage, self.name = storage, name
+        self._copied: str | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_copied": None}
+
+    def get_state(self) -> dict | None:
+        url = current_study_url()
+        if url is not None and url.startswith("sqlite:///"):
+            self._copied = mirror_study(url, SweepStore(self.storage, self.name), unless=self._copied)
+        return None

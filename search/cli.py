@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     w = sub.add_parser("sweep", help="search CRAFT (and baseline) configs on Ray Tune with Optuna and MO-ASHA, tracked in MLflow")
-    w.add_argument("spec", help="sweep spec YAML, or a shipped preset: smoke, demo, glue-roberta-base")
+    w.add_argument("spec", help="sweep spec YAML, a shipped preset (smoke, demo, glue-roberta-base), or with --resume a sweep's name in --storage")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value, e.g. --set search.max_concurrent_trials=4 (repeatable)")  # fmt: skip
     w.add_argument(
@@ -208,7 +208,14 @@ def _sweep_spec(args: argparse.Namespace):
 
     path = Path(args.spec)
     if not path.is_file() and path.suffix == "" and path.parent == Path("."):
-        path = preset_path(f"{args.spec}.yaml")  # a preset name
+        try:
+            path = preset_path(f"{args.spec}.yaml")  # a preset name
+        except ValueError:
+            if not args.resume:
+                raise
+            from .sweep import stored_spec
+
+            return stored_spec(args.name or args.spec, args.storage)  # resuming by name: the spec it started with
     overrides = list(args.overrides)
     if args.num_samples is not None:
         overrides.append(f"search.num_samples={args.num_samples}")
@@ -264,7 +271,7 @@ def format_sweep(result, top: int = 5) -> str:
     )
     lines.append(f"trials: {len(result.trials)} of {result.requested} ({counts}) in {result.wall_s:.0f} s")
     lines.append(f"HOSVD decompositions: {result.cache['decompositions']} (factors read from disk: {result.cache['disk_loads']})")
-    lines.append(f"results: {result.path} ({SUMMARY_FILE}, {STUDY_FILE})")
+    lines.append(f"results: {result.path} ({SUMMARY_FILE}, {STUDY_FILE}, each trial's run/)")
     if result.pareto:
         front = result.pareto["front"]
         lines.append(

@@ -7,6 +7,7 @@ __all__ = [
     "STEP",
     "ELAPSED",
     "NODE_ID",
+    "GPU_IDS",
     "TRIAL_ID_TAG",
     "OUTCOME_TAG",
     "PRUNED_TAG",
@@ -23,6 +24,7 @@ ELAPSED = "elapsed_s"  # seconds of training so far
 REPORTED_AT = "reported_at"  # wall-clock time of the report (orders the reports of concurrent trials)
 TRAIN_SECONDS = "train_s"  # seconds the full training took: only in a completed trial's last report
 NODE_ID = "node_id"  # the Ray node the trial ran on
+GPU_IDS = "gpu_ids"  # the GPUs Ray assigned the trial (ray.get_gpu_ids(), comma-separated; empty without)
 
 TRIAL_ID_TAG = "craft.trial_id"  # MLflow tag: the Ray Tune trial of a child run
 OUTCOME_TAG = "craft.outcome"  # MLflow tag: complete, pruned or failed

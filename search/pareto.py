@@ -25,6 +25,7 @@ from craft.metrics import CLASSIFICATION_METRICS, METRIC_NAMES
 
 from .layout import DEFAULT_STORAGE, SUMMARY_FILE, SWEEP_FILE
 from .names import ADAPTER_PARAMETERS, CONFIG_TAG, FINAL_SCORE, OUTCOME_TAG, SCORE, STEP, TRAIN_SECONDS, TRIAL_ID_TAG
+from .storage import SweepStore, is_uri
 
 __all__ = [
     "OBJECTIVES",
@@ -94,6 +95,7 @@ class SweepTable:
     parent_run_id: str | None = None
     path: Path | None = None  # the local results directory, when there is one
     running: bool = False
+    location: str | None = None  # the sweep's directory in its storage (a local path or a URI)
 
     def full(self) -> list[ParetoTrial]:
         """The trials that ran their full budget: the table the front is taken from."""
@@ -197,13 +199,30 @@ def _scaled(value: float, objective: str) -> float:
 # Reading a sweep ------------------------------------------------------------------------------
 
 
+def _stores(text: str, storage: str | None) -> list[tuple[str, SweepStore]]:
+    """Where a sweep named or located by ``text`` may be, as the user would write each place: its
+    directory, or NAME in ``storage``."""
+    stores = []
+    parent, _, name = text.rstrip("/").rpartition("/")
+    if is_uri(text):
+        stores.append((text, SweepStore(parent, name)))
+    else:
+        path = Path(text).expanduser().resolve()
+        stores.append((text, SweepStore(str(path.parent), path.name)))
+    if "/" not in text and "\\" not in text:
+        where = storage or DEFAULT_STORAGE
+        shown = f"{where.rstrip('/')}/{text}" if is_uri(where) else str(Path(where).expanduser() / text)
+        stores.append((shown, SweepStore(where, text)))
+    return stores
+
+
 def load_sweep(source: str | Path, *, storage: str | None = None, tracking_uri: str | None = None) -> SweepTable:
     """Read a finished or running sweep.
 
     Args:
-        source: the sweep's results directory, its name (looked up in ``storage``), or its
-            MLflow parent run as ``runs:/<run id>``.
-        storage: where sweeps are kept (default ``./runs/sweeps``), for a name.
+        source: the sweep's directory (a local path or a URI such as ``s3://bucket/sweeps/NAME``),
+            its name (looked up in ``storage``), or its MLflow parent run as ``runs:/<run id>``.
+        storage: where sweeps are kept (default ``./runs/sweeps``; a local path or a URI), for a name.
         tracking_uri: the MLflow tracking URI for ``runs:/`` (default ``./mlflow.db``).
 
     Raises:
@@ -214,21 +233,17 @@ def load_sweep(source: str | Path, *, storage: str | None = None, tracking_uri: 
         from .tracking import resolve_tracking_uri
 
         return _from_mlflow(resolve_tracking_uri(tracking_uri), text.removeprefix("runs:/").strip("/"), None)
-    candidates = [Path(text).expanduser()]
-    if "/" not in text and "\\" not in text:
-        candidates.append(Path(storage or DEFAULT_STORAGE).expanduser() / text)
-    path = next((c for c in candidates if (c / SWEEP_FILE).is_file()), None)
-    if path is None:
-        tried = " or ".join(str(c) for c in dict.fromkeys(candidates))
+    candidates = _stores(text, storage)
+    store = next((c for _, c in candidates if c.exists(SWEEP_FILE)), None)
+    if store is None:
+        tried = " or ".join(dict.fromkeys(shown for shown, _ in candidates))
         raise ValueError(
             f"no sweep at {tried} (no {SWEEP_FILE}); pass a sweep's results directory, its name, or runs:/<parent run id>"
         )
-    path = path.resolve()
-    state = json.loads((path / SWEEP_FILE).read_text())
-    summary_file = path / SUMMARY_FILE
-    if summary_file.is_file():
-        return _from_summary(path, state, json.loads(summary_file.read_text()))
-    return _from_mlflow(tracking_uri or state["tracking_uri"], state["parent_run_id"], path)  # still running
+    state = store.read_json(SWEEP_FILE)
+    if store.exists(SUMMARY_FILE):
+        return _from_summary(store, state, store.read_json(SUMMARY_FILE))
+    return _from_mlflow(tracking_uri or state["tracking_uri"], state["parent_run_id"], store)  # still running
 
 
 def _score_label(metrics: dict[str, Any]) -> str:
@@ -248,7 +263,7 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
-def _from_summary(path: Path, state: dict[str, Any], summary: dict[str, Any]) -> SweepTable:
+def _from_summary(store: SweepStore, state: dict[str, Any], summary: dict[str, Any]) -> SweepTable:
     trials, label = [], "validation score"
     for t in summary.get("trials", []):
         metrics = t.get("metrics") or {}
@@ -270,18 +285,19 @@ def _from_summary(path: Path, state: dict[str, Any], summary: dict[str, Any]) ->
             label = _score_label(metrics)
     return SweepTable(
         name=state["name"],
-        source=str(path),
+        source=store.uri,
         trials=trials,
         spec=state["spec"],
         score_label=label,
         tracking_uri=state.get("tracking_uri"),
         experiment=state.get("experiment"),
         parent_run_id=state.get("parent_run_id"),
-        path=path,
+        path=store.local_path,
+        location=store.uri,
     )
 
 
-def _from_mlflow(uri: str, parent_run_id: str, path: Path | None) -> SweepTable:
+def _from_mlflow(uri: str, parent_run_id: str, store: SweepStore | None) -> SweepTable:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -295,8 +311,8 @@ def _from_mlflow(uri: str, parent_run_id: str, path: Path | None) -> SweepTable:
         raise ValueError(f"no MLflow run {parent_run_id!r} at {uri}; pass a sweep's parent run id (see its sweep.json)") from None
     if parent.data.tags.get("craft.kind") != "sweep":
         raise ValueError(f"MLflow run {parent_run_id} is not a sweep's parent run (tag craft.kind=sweep is missing)")
-    if path is not None and (path / SWEEP_FILE).is_file():
-        state = json.loads((path / SWEEP_FILE).read_text())
+    if store is not None and store.exists(SWEEP_FILE):
+        state = store.read_json(SWEEP_FILE)
     else:
         local = client.download_artifacts(parent_run_id, SWEEP_FILE)
         state = json.loads(Path(local).read_text())
@@ -334,6 +350,7 @@ def _from_mlflow(uri: str, parent_run_id: str, path: Path | None) -> SweepTable:
         tracking_uri=uri,
         experiment=state.get("experiment"),
         parent_run_id=parent_run_id,
-        path=path,
+        path=store.local_path if store else None,
         running=parent.info.status == "RUNNING",
+        location=store.uri if store else parent.data.tags.get("craft.storage"),
     )

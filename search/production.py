@@ -4,8 +4,9 @@ A TorchTrainer starts N workers (gloo on CPUs, nccl on GPUs); each runs
 :func:`craft.job.run_job` with the same config and seed, takes its slice of every global batch,
 and DistributedDataParallel averages the gradients (:mod:`craft.distributed`), so N workers
 train what one would, N times wider. Every input check happens in the driver before an MLflow
-run exists; rank 0 logs every evaluation into that run and writes ``output_dir`` (adapter,
-merged model, metrics); the driver closes the run.
+run exists; rank 0 logs every evaluation into that run, writes ``output_dir`` (adapter, merged
+model, metrics) on its node and reports the job's summary to Ray Train, where the driver reads it;
+the driver closes the run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from craft.runconfig import RunConfig
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
 __all__ = ["DistributedJob", "train_distributed"]
+
+SUMMARY_KEY = "job_summary"  # rank 0's metrics.json, as JSON text, in the Ray Train result
 
 
 @dataclass
@@ -57,6 +61,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
     job = run_job(run, callback=report if tracker else None, resume=config["resume"], progress=False)
     if tracker is not None:
         log_job(tracker, job)
+    # Every worker reports once (Ray Train expects as many reports from each). Rank 0's report
+    # carries the job's summary and, as a checkpoint, its metrics.json: Ray Train keeps the metrics
+    # of the latest report with a checkpoint as its result, which the driver reads wherever rank 0
+    # ran (no file on a disk the driver shares).
+    summary = json.dumps(job.summary())
+    if main:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "metrics.json").write_text(summary + "\n")
+            ray.train.report({SUMMARY_KEY: summary}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report({SUMMARY_KEY: summary})
     # Ray Train destroys the process group after this returns. A DDP reducer still alive then (in
     # a reference cycle) would destroy the group itself while holding the GIL, and deadlock with
     # gloo's worker thread: collect every one while the group is registered.
@@ -65,16 +80,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
 
 def _check_cluster(workers: int, cpus: float, use_gpu: bool) -> None:
-    import ray
+    """Refuse workers that no nodes of the cluster, running or ones its autoscaler may add, can hold."""
+    from cluster.capacity import check_capacity
 
-    total = ray.cluster_resources()
-    if workers * cpus > total.get("CPU", 0):
-        raise ValueError(
-            f"--workers {workers} with {cpus:g} CPU each needs {workers * cpus:g} CPUs; the Ray cluster has "
-            f"{total.get('CPU', 0):g}. Use fewer workers or a larger cluster (--address)"
-        )
-    if use_gpu and workers > total.get("GPU", 0):
-        raise ValueError(f"--workers {workers} on GPUs needs {workers} GPUs; the Ray cluster has {total.get('GPU', 0):g}")
+    what = f"--workers {workers} with {cpus:g} CPU" + (" and 1 GPU" if use_gpu else "") + " each"
+    check_capacity({"CPU": cpus, "GPU": 1 if use_gpu else 0}, workers, what, "use fewer workers or a larger cluster (--address)")
 
 
 def train_distributed(
@@ -102,11 +112,11 @@ def train_distributed(
     Raises:
         ValueError: bad input, too few CPUs or GPUs in the cluster, an unreachable server.
     """
-    import ray
     from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.capacity import can_hold
     from cluster.connect import connect_ray
 
     from .runner import open_tracker
@@ -125,7 +135,7 @@ def train_distributed(
     # address that is not theirs: the workers then wait for each other until a 30-minute timeout.
     # On a Ray started here every worker is on this machine, so loopback is always right.
     connect_ray(address, local_env={"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")})
-    use_gpu = run.train.device in ("auto", "cuda") and ray.cluster_resources().get("GPU", 0) >= workers
+    use_gpu = run.train.device in ("auto", "cuda") and can_hold({"CPU": cpus_per_worker, "GPU": 1}, workers)
     if run.train.device.startswith("cuda") and not use_gpu:
         raise ValueError(
             f"train.device={run.train.device} but the Ray cluster has fewer than {workers} GPUs; set train.device: cpu"
@@ -163,7 +173,7 @@ def train_distributed(
         raise _one_line(err) from None
     if tracker is not None:
         tracker.end("FINISHED")
-    summary = json.loads((Path(run.output_dir) / "metrics.json").read_text())
+    summary = json.loads(result.metrics[SUMMARY_KEY])
     return DistributedJob(summary, workers, backend, uri, tracker.run_id if tracker else None)
 
 

@@ -4,9 +4,15 @@ Every input check happens before Ray starts: the spec, the tracking server, the 
 and the ranks against its shapes. Then the driver fills the factor cache, opens (or, resuming,
 reopens) the MLflow parent run and runs the Tuner: ``ParetoOptunaSearch`` samples (seeded with an
 earlier sweep's trials on ``search.warm_start``), the scheduler (MO-ASHA by default,
-:mod:`search.schedulers`) stops, the trainable trains. At the end the parent run gets the summary and the experiment directory
-holds ``sweep.json`` (how to reach everything), ``summary.json`` (every trial) and
-``optuna-study.db`` (the Optuna study, SQLite).
+:mod:`search.schedulers`) stops, the trainable trains.
+
+Everything lives in the sweep's directory ``STORAGE/NAME`` (a local path or object storage,
+:mod:`search.storage`), so any machine that reaches the storage can resume, read or export it:
+``sweep.json`` (the spec as started and the MLflow ids, written before the first trial), Ray
+Tune's experiment (each trial's directory: its latest training checkpoint, kept by the trial
+itself, see :mod:`search.trainable`, and ``run/`` with config, adapter and metrics), ``optuna-study.db`` (the Optuna study, SQLite, written at every ask and tell;
+with object storage the driver's working copy is copied there with every snapshot) and, at the
+end, ``summary.json`` (every trial) and ``pareto/`` (the plots).
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 import uuid
@@ -30,7 +35,8 @@ from craft.tasks import load_task
 from .layout import DEFAULT_STORAGE, STUDY_FILE, SUMMARY_FILE, SWEEP_FILE
 from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, SCORE, STEP, TRIAL_ID_TAG
 from .plan import describe_methods
-from .spec import SweepSpec, check_against_model
+from .spec import SweepSpec, check_against_model, spec_from_dict
+from .storage import SweepStore, resolve_storage
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
 __all__ = [
@@ -39,6 +45,8 @@ __all__ = [
     "run_sweep",
     "experiment_dir",
     "ray_storage",
+    "sweep_store",
+    "stored_spec",
     "SWEEP_FILE",
     "SUMMARY_FILE",
     "STUDY_FILE",
@@ -58,7 +66,7 @@ class TrialSummary:
     step: int | None  # optimiser steps done
     node_id: str | None = None
     error: str | None = None
-    path: str | None = None  # the trial's directory (its run/ holds the adapter)
+    path: str | None = None  # the trial's directory in the storage (its run/ holds config, adapter, metrics)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,7 +75,7 @@ class SweepResult:
     """A finished (or interrupted) sweep: its trials and where everything is."""
 
     name: str
-    path: str
+    path: str  # the sweep's directory in its storage (a local path or a URI)
     tracking_uri: str
     experiment: str
     parent_run_id: str
@@ -92,24 +100,50 @@ class SweepResult:
         return data
 
 
-def _is_uri(storage: str) -> bool:
-    return "://" in storage
-
-
 def ray_storage(spec: SweepSpec, storage: str | None = None) -> str:
     """Ray Tune's ``storage_path``: a URI (``s3://``, ``gs://``) as given, else an absolute local path."""
-    where = storage or spec.search.storage or DEFAULT_STORAGE
-    return where if _is_uri(where) else str(Path(where).expanduser().resolve())
+    return resolve_storage(storage or spec.search.storage or DEFAULT_STORAGE)
+
+
+def sweep_store(spec: SweepSpec, storage: str | None = None) -> SweepStore:
+    """The sweep's directory ``STORAGE/NAME`` in its storage (a local path or object storage)."""
+    return SweepStore(ray_storage(spec, storage), spec.name)
 
 
 def experiment_dir(spec: SweepSpec, storage: str | None = None) -> Path:
-    """The sweep's local directory: ``STORAGE/NAME``, Ray Tune's experiment itself for local storage.
+    """The sweep's directory on this machine: ``STORAGE/NAME`` itself for local storage.
 
-    With a URI storage Ray Tune writes there and this local directory (``./runs/sweeps/NAME``)
-    holds the sweep's own files (``sweep.json``, ``summary.json``, the Optuna study).
+    With object storage everything lives in the storage; this local directory
+    (``./runs/sweeps/NAME``) holds the driver's working copy of the Optuna study (copied to the
+    storage with every snapshot of the sweep) and the plots before they are copied there.
     """
-    where = ray_storage(spec, storage)
-    return (Path(DEFAULT_STORAGE).resolve() if _is_uri(where) else Path(where)) / spec.name
+    store = sweep_store(spec, storage)
+    return store.local_path or Path(DEFAULT_STORAGE).resolve() / spec.name
+
+
+def stored_spec(name: str, storage: str | None = None) -> SweepSpec:
+    """The spec a sweep started with, read from its ``sweep.json`` in ``storage`` (what resuming
+    after losing the driver's machine needs: no spec file, only the storage).
+
+    Raises:
+        ValueError: no sweep of that name there.
+    """
+    store = SweepStore(storage or DEFAULT_STORAGE, name)
+    if not store.exists(SWEEP_FILE):
+        raise ValueError(f"no sweep named {name!r} in {store.storage} (no {SWEEP_FILE}); pass a spec file or preset, or --storage")
+    return spec_from_dict(store.read_json(SWEEP_FILE)["spec"])
+
+
+def _changed_keys(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(before) | set(after), key=str):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 @contextlib.contextmanager
@@ -145,43 +179,39 @@ def _load_checked(spec: SweepSpec):
 
 
 def _check_resources(spec: SweepSpec) -> None:
-    import ray
+    """Refuse a trial no node of the cluster, running or one its autoscaler may add, can hold."""
+    from cluster.capacity import check_capacity
 
-    total = ray.cluster_resources()
     need = spec.resources
-    if need.cpu > total.get("CPU", 0):
-        raise ValueError(f"a trial asks for {need.cpu} CPUs but the Ray cluster has {total.get('CPU', 0):g}; lower resources.cpu")
-    if need.gpu > total.get("GPU", 0):
-        raise ValueError(
-            f"a trial asks for {need.gpu} GPUs but the Ray cluster has {total.get('GPU', 0):g}; set resources.gpu: 0"
-        )
+    fix = "lower resources.cpu" + (" or resources.gpu (0: no GPU)" if need.gpu else "")
+    check_capacity({"CPU": need.cpu, "GPU": need.gpu}, 1, "a trial", fix)
 
 
-def _parent_run(spec: SweepSpec, uri: str, exp_dir: Path, resume: bool) -> tuple[RunTracker, str]:
-    """The sweep's MLflow parent run (reopened when resuming) and its experiment's name."""
-    experiment = spec.base.get("tracking", {}).get("experiment", "craft-search")
-    state_file = exp_dir / SWEEP_FILE
-    if resume:
-        state = json.loads(state_file.read_text())
+def _parent_run(spec: SweepSpec, uri: str, store: SweepStore, state: dict[str, Any] | None) -> tuple[RunTracker, str]:
+    """The sweep's MLflow parent run and its experiment's name: reopened from ``state`` (the
+    stored ``sweep.json``) when resuming, else created, with ``sweep.json`` written to the storage."""
+    if state is not None:
         return RunTracker(state["tracking_uri"], state["experiment"], run_id=state["parent_run_id"]), state["experiment"]
-    tags = {"craft.sweep": spec.name, "craft.storage": str(exp_dir), "craft.kind": "sweep"}
+    experiment = spec.base.get("tracking", {}).get("experiment", "craft-search")
+    tags = {"craft.sweep": spec.name, "craft.storage": store.uri, "craft.kind": "sweep"}
     parent = RunTracker(uri, experiment, run_name=spec.name, tags=tags)
     parent.log_params(spec.to_dict())
-    exp_dir.mkdir(parents=True, exist_ok=True)
     state = {"name": spec.name, "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id,
-             "spec": spec.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-    state_file.write_text(json.dumps(state, indent=2) + "\n")
-    parent.client.log_artifact(parent.run_id, str(state_file))  # the spec, for pareto and export from MLflow alone
+             "storage": store.storage, "spec": spec.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    store.write_json(SWEEP_FILE, state)
+    with tempfile.TemporaryDirectory() as tmp:  # the spec, for pareto and export from MLflow alone
+        (Path(tmp) / SWEEP_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        parent.client.log_artifact(parent.run_id, str(Path(tmp) / SWEEP_FILE))
     return parent, experiment
 
 
-def _summaries(results: Any) -> list[TrialSummary]:
+def _summaries(results: Any, store: SweepStore) -> list[TrialSummary]:
     # The trials' states (ResultGrid keeps its ExperimentAnalysis, whose trials have them, in order).
     statuses = [t.status for t in results._experiment_analysis.trials]
     trials = []
     for result, status in zip(results, statuses):
         metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trial_id = metrics.get("trial_id") or str(result.path).rstrip("/").rpartition("/")[2]
         if result.error or status == "ERROR":
             outcome = "failed"
         elif FINAL_SCORE in metrics:
@@ -199,41 +229,41 @@ def _summaries(results: Any) -> list[TrialSummary]:
                 step=metrics.get(STEP),
                 node_id=metrics.get(NODE_ID),
                 error=str(result.error).strip().splitlines()[-1][:300] if result.error else None,
-                path=str(result.path),
+                path=store.location(str(result.path).rstrip("/").rpartition("/")[2]),
                 metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "config"},
             )
         )
     return trials
 
 
-def _drop_orphans(parent: RunTracker, experiment: str, trial_ids: set[str]) -> int:
-    """Delete child runs of trials the restored experiment does not know (sampled after its last save)."""
+def _drop_orphans(parent: RunTracker, experiment: str, trial_ids: set[str], page_size: int = 1000) -> int:
+    """Delete child runs of trials the restored experiment does not know (sampled after its last
+    save), reading every page of the parent's children."""
     exp = parent.client.get_experiment_by_name(experiment)
-    runs = parent.client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
-    orphans = [r for r in runs if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids]
-    for run in orphans:
-        parent.client.delete_run(run.info.run_id)
+    query = f"tags.`mlflow.parentRunId` = '{parent.run_id}'"
+    orphans, token = [], None
+    while True:
+        page = parent.client.search_runs([exp.experiment_id], filter_string=query, max_results=page_size, page_token=token)
+        orphans += [r.info.run_id for r in page if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids]
+        token = page.token
+        if not token:
+            break
+    for run_id in orphans:  # after reading: deleting while paging would shift the pages
+        parent.client.delete_run(run_id)
     return len(orphans)
 
 
-def _prune_checkpoints(exp_dir: Path) -> None:
-    """Keep each trial's latest checkpoint, once the sweep's state names no other (local storage)."""
-    for trial_dir in exp_dir.glob("*/"):
-        checkpoints = sorted(trial_dir.glob("checkpoint_*"))
-        for old in checkpoints[:-1]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _save_study(searcher: Any, exp_dir: Path) -> Path | None:
-    import optuna
-
-    study = getattr(searcher, "study", None)
-    if study is None or not study.trials:
-        return None
-    path = exp_dir / STUDY_FILE
-    path.unlink(missing_ok=True)
-    optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage, to_storage=f"sqlite:///{path}")
-    return path
+def _study_url(spec: SweepSpec, store: SweepStore, storage: str | None, resume: bool) -> str:
+    """Where the Optuna study lives: the SQLite file in the sweep's directory (local storage),
+    else the driver's working copy in :func:`experiment_dir`, fetched from the storage when
+    resuming (on this machine or another)."""
+    local = experiment_dir(spec, storage) / STUDY_FILE
+    if store.local_path is None and not resume:
+        local.unlink(missing_ok=True)  # a working copy left by an earlier sweep of this name, since deleted
+    if store.local_path is None and resume and store.exists(STUDY_FILE):
+        store.download(STUDY_FILE, local)  # the storage's copy goes with the snapshot the sweep resumes from
+    local.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{local}"
 
 
 def run_sweep(
@@ -253,8 +283,10 @@ def run_sweep(
         address: a Ray cluster (``ray://`` or ``HOST:PORT``); None starts Ray here or joins the
             one already initialised in this process.
         tracking_uri: MLflow tracking URI (default: the spec's, else ``./mlflow.db``).
-        storage: where Ray Tune keeps results (default: the spec's, else ``./runs/sweeps``).
-        resume: continue the interrupted sweep of this name in ``storage``.
+        storage: where the sweep lives (a local path, ``s3://`` or ``gs://``; default: the
+            spec's, else ``./runs/sweeps``).
+        resume: continue the interrupted sweep of this name in ``storage``, with the spec it
+            started with (read from its ``sweep.json``; a ``spec`` that differs is named in one line).
         cache_dir: the on-disk factor cache (default: the spec's, else ``~/.cache/craft-search/factors``).
         progress: print a line per finished trial.
 
@@ -263,23 +295,33 @@ def run_sweep(
     """
     from ray import tune
 
-    from .callbacks import MlflowSweepCallback, ProgressCallback
+    from .callbacks import MlflowSweepCallback, ProgressCallback, StudyMirrorCallback, mirror_study
     from .factor_cache import FactorCache, default_cache_dir, publish_factors
     from .schedulers import TotalStepsStopper, make_scheduler
-    from .searcher import ParetoOptunaSearch, make_sampler
+    from .scratch import clear_scratch_everywhere
+    from .searcher import ParetoOptunaSearch, close_study, make_sampler, study_location
     from .trainable import run_trial
     from .warm_start import add_warm_trials, load_warm_start
 
     started = time.time()
-    uri = resolve_tracking_uri(tracking_uri or spec.base.get("tracking", {}).get("uri"))
-    check_tracking_uri(uri)
-    exp_dir = experiment_dir(spec, storage)
-    if resume and not (exp_dir / SWEEP_FILE).is_file():
-        raise ValueError(f"no sweep named {spec.name!r} to resume in {exp_dir.parent}; run it without --resume first")
-    if not resume and exp_dir.exists():
+    store = sweep_store(spec, storage)
+    state = None
+    if resume:
+        if not store.exists(SWEEP_FILE):
+            raise ValueError(f"no sweep named {spec.name!r} to resume in {store.storage}; run it without --resume first")
+        state = store.read_json(SWEEP_FILE)
+        changed = _changed_keys(state["spec"], spec.to_dict())
+        spec = spec_from_dict(state["spec"])  # the trials already run came from this one
+        if changed and progress:
+            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            print(f"the spec differs from the one sweep {spec.name} started with ({shown}); resuming with the one it started with",
+                  flush=True)  # fmt: skip
+    elif store.exists():
         raise ValueError(
-            f"a sweep named {spec.name!r} already exists in {exp_dir.parent}; pass --resume to continue it or --name to start another"
+            f"a sweep named {spec.name!r} already exists in {store.storage}; pass --resume to continue it or --name to start another"
         )
+    uri = state["tracking_uri"] if state else resolve_tracking_uri(tracking_uri or spec.base.get("tracking", {}).get("uri"))
+    check_tracking_uri(uri)
     model, facts = _load_checked(spec)
     warm = None if resume else load_warm_start(spec, storage=storage or spec.search.storage, tracking_uri=tracking_uri)
     if progress:
@@ -291,85 +333,81 @@ def run_sweep(
 
     connect_ray(address)
     _check_resources(spec)
-    run_id = uuid.uuid4().hex[:8]
-    cache_name = f"craft-factor-cache-{spec.name}-{run_id}"
-    scratch_root = Path(tempfile.gettempdir()) / "craft-search" / f"{spec.name}-{run_id}"
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    cache_name = f"craft-factor-cache-{spec.name}-{uuid.uuid4().hex[:8]}"
     cache = FactorCache.options(
         name=cache_name, scheduling_strategy=here
     ).remote()  # on the driver's node: a lost worker cannot take it
     publish_factors(cache, model, facts.factor_requests, cache_dir or spec.search.factor_cache or default_cache_dir())
     del model
     stats = ray.get(cache.stats.remote())
-    parent, experiment = _parent_run(spec, uri, exp_dir, resume)
+    parent, experiment = _parent_run(spec, uri, store, state)
     previous = parent.client.get_run(parent.run_id).data.tags.get("craft.decompositions")
     decompositions = stats["decompositions"] + (int(previous) if resume and previous else 0)
     parent.set_tags({"craft.decompositions": decompositions, "craft.factor_disk_loads": stats["disk_loads"]})
+    scratch_key = f"{spec.name}-{parent.run_id[:8]}"  # the same after a resume: its leftovers are cleared too
+    study_url = _study_url(spec, store, storage, resume)
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec, cache_name=cache_name, scratch_root=str(scratch_root)),
+        tune.with_parameters(run_trial, spec=spec, cache_name=cache_name, scratch_key=scratch_key),
         spec.resources.to_ray(),
     )
     searcher = None
     stopper = TotalStepsStopper(spec.search.max_total_steps) if spec.search.max_total_steps else None
-    if resume:
-        tuner = tune.Tuner.restore(
-            f"{ray_storage(spec, storage).rstrip('/')}/{spec.name}",
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=False,
-        )
-    else:
-        searcher = ParetoOptunaSearch(
-            spec.sampler(facts.costs), make_sampler(spec.search.sampler, spec.search.seed), spec.search.points_to_evaluate
-        )
-        if warm is not None:
-            add_warm_trials(searcher.study, spec, warm)
-        scheduler = make_scheduler(
-            spec.search.scheduler, max_t=spec.budget, grace_period=spec.search.grace_period,
-            reduction_factor=spec.search.reduction_factor,
-        )  # fmt: skip
-        callbacks = [MlflowSweepCallback(uri, experiment, parent.run_id, spec)]
-        if progress:
-            callbacks.append(ProgressCallback(spec.search.num_samples))
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=spec.search.num_samples,
-                max_concurrent_trials=spec.search.max_concurrent_trials,
-                reuse_actors=True,  # a trial's worker keeps torch and transformers imported for the next
-            ),
-            run_config=tune.RunConfig(
-                name=spec.name,
-                storage_path=ray_storage(spec, storage),
-                callbacks=callbacks,
-                stop=stopper,
-                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-                # Every checkpoint kept while the sweep runs: with num_to_keep, a killed driver's last
-                # snapshot may name one already deleted. _prune_checkpoints keeps each trial's last.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                verbose=0,
-            ),
-        )
-    try:
-        with _tune_environment(spec):
-            results = tuner.fit()
-        fetches = ray.get(cache.stats.remote())["fetches"]
-    finally:
-        ray.kill(cache)
-        shutil.rmtree(scratch_root, ignore_errors=True)
-    trials = _summaries(results)
-    if not _is_uri(ray_storage(spec, storage)):
-        _prune_checkpoints(exp_dir)
+    with study_location(study_url):
+        if resume:
+            tuner = tune.Tuner.restore(store.uri, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            searcher = ParetoOptunaSearch(
+                spec.sampler(facts.costs), make_sampler(spec.search.sampler, spec.search.seed), spec.search.points_to_evaluate,
+                study_url=study_url,
+            )  # fmt: skip
+            if warm is not None:
+                add_warm_trials(searcher.study, spec, warm)
+            scheduler = make_scheduler(
+                spec.search.scheduler, max_t=spec.budget, grace_period=spec.search.grace_period,
+                reduction_factor=spec.search.reduction_factor,
+            )  # fmt: skip
+            callbacks = [MlflowSweepCallback(uri, experiment, parent.run_id, spec)]
+            if store.local_path is None:
+                callbacks.append(StudyMirrorCallback(store.storage, spec.name))
+            if progress:
+                callbacks.append(ProgressCallback(spec.search.num_samples))
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=spec.search.num_samples,
+                    max_concurrent_trials=spec.search.max_concurrent_trials,
+                    reuse_actors=True,  # a trial's worker keeps torch and transformers imported for the next
+                ),
+                run_config=tune.RunConfig(
+                    name=spec.name,
+                    storage_path=store.storage,
+                    callbacks=callbacks,
+                    stop=stopper,
+                    failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                    verbose=0,
+                ),
+            )
+        try:
+            with _tune_environment(spec):
+                results = tuner.fit()
+            fetches = ray.get(cache.stats.remote())["fetches"]
+        finally:
+            ray.kill(cache)
+            clear_scratch_everywhere(scratch_key)
+            if store.local_path is None:
+                mirror_study(study_url, store)
+    trials = _summaries(results, store)
     orphans = _drop_orphans(parent, experiment, {t.trial_id for t in trials}) if resume else 0
     result = SweepResult(
         name=spec.name,
-        path=str(exp_dir),
+        path=store.uri,
         tracking_uri=parent.uri,
         experiment=experiment,
         parent_run_id=parent.run_id,
@@ -391,19 +429,27 @@ def run_sweep(
     )
     if best:
         parent.log_metrics({"best_final_score": best[0].score, "best_adapter_parameters": best[0].adapter_parameters or 0})
-    (exp_dir / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    _save_study(searcher, exp_dir)
-    parent.client.log_artifact(parent.run_id, str(exp_dir / SUMMARY_FILE))
     limit = spec.search.max_total_steps  # the compute budget ended it: finished, not interrupted (also after --resume)
     spent = limit is not None and sum(t.step or 0 for t in trials) >= limit
     finished = (spent or len(trials) >= spec.search.num_samples) and result.count("unfinished") == 0
+    if finished:
+        result.cache["stale_study_trials"] = close_study(study_url)  # asked by a killed driver, never run: FAIL
+    if store.local_path is None:
+        mirror_study(study_url, store)
+    store.write_json(SUMMARY_FILE, result.to_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+        parent.client.log_artifact(parent.run_id, str(Path(tmp) / SUMMARY_FILE))
     try:
         from .pareto import load_sweep
-        from .report import report_front
+        from .report import FRONT_DIR, report_front
 
-        report = report_front(load_sweep(exp_dir), log=True)  # the plots and the hypervolume, in the parent run
+        local = experiment_dir(spec, storage) / FRONT_DIR
+        report = report_front(load_sweep(store.uri), local, log=True)  # the plots and the hypervolume, in the parent run
+        store.upload(local, FRONT_DIR)
         result.pareto = {"front": [t.trial_id for t in report.front], "hypervolume": report.hypervolumes,
-                         "png": str(report.png), "html": str(report.html)}  # fmt: skip
+                         "png": store.location(f"{FRONT_DIR}/{report.png.name}"),
+                         "html": store.location(f"{FRONT_DIR}/{report.html.name}")}  # fmt: skip
     finally:
         parent.end("FINISHED" if finished else "KILLED")
     return result

@@ -1,7 +1,9 @@
-"""Shared fixtures of the search tests: a real MLflow tracking server on 127.0.0.1."""
+"""Shared fixtures of the search tests: a real MLflow tracking server and a real S3 API (moto) on
+127.0.0.1, tiny models and data, and a check of a sweep's Optuna study."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -103,3 +105,66 @@ def write_csv(path, rows, header=("text", "label")) -> None:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+@pytest.fixture
+def check_study():
+    """A function checking that the Optuna study at ``url`` holds every trial of a finished
+    sweep's ``summary`` in its true state (COMPLETE with the trial's score and size, PRUNED,
+    FAIL) and nothing RUNNING. A Ray trial may have several records: what a killed driver told
+    (its ending lost with the driver's state), then the ending of the resumed sweep; the latest is
+    the trial's state. A trial sampled by a killed driver and never run again ends FAIL."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.searcher import RAY_TRIAL_ATTR, STUDY_NAME, SUPERSEDES_ATTR
+
+    states = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}
+
+    def check(url: str, summary: dict) -> optuna.Study:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=url)
+        assert not study.get_trials(states=(TrialState.RUNNING,))
+        by_ray: dict[str, list] = {}
+        for trial in sorted(study.trials, key=lambda t: t.number):
+            by_ray.setdefault(trial.user_attrs[RAY_TRIAL_ATTR], []).append(trial)
+        for records in by_ray.values():  # each later record names the one it supersedes
+            assert [t.user_attrs.get(SUPERSEDES_ATTR) for t in records[1:]] == [t.number for t in records[:-1]]
+        for trial in summary["trials"]:
+            latest = by_ray.pop(trial["trial_id"])[-1]
+            assert latest.state == states[trial["outcome"]], (trial["trial_id"], trial["outcome"], latest.state)
+            if trial["outcome"] == "complete":
+                assert latest.values == pytest.approx([trial["score"], trial["adapter_parameters"]])
+        # Left: trials only a killed driver knew (their Ray trials were not in its last snapshot).
+        assert all(records[-1].state.is_finished() for records in by_ray.values())
+        return study
+
+    return check
+
+
+BUCKET = "craft-test"  # the bucket the s3 fixture creates
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 with one bucket (its name is the fixture's value); the
+    environment points every S3 client of this process and its children (Ray's workers started
+    afterwards, CLI drivers) at it."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(BUCKET)
+    yield BUCKET
+    server.stop()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -11,10 +11,12 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
 import ray
+import yaml
 from mlflow.tracking import MlflowClient
 
 from search.names import ADAPTER_PARAMETERS, FINAL_SCORE, OUTCOME_TAG, PRUNED_TAG, SCORE, TRIAL_ID_TAG
@@ -71,6 +73,31 @@ def test_smoke_sweep_runs_every_trial(smoke):
         "failed": 0,
         "unfinished": 0,
     }
+
+
+def test_every_trial_leaves_its_config_adapter_and_metrics_in_the_storage(smoke):
+    """Complete and pruned alike (actors are reused: the run/ of every trial, not only the first
+    of each actor), each with the adapter and metrics of its last evaluation."""
+    from peft import PeftConfig
+
+    from craft.config import CraftConfig
+
+    for t in smoke.trials:
+        run = Path(t.path) / "run"
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert config["method"] == t.config["method"] and metrics["adapter_parameters"] == t.adapter_parameters
+        if t.outcome == "complete":
+            assert metrics["steps"] == 32 and metrics["final"]["score"] == t.score
+        else:  # its last evaluation, where the scheduler stopped it
+            assert metrics["step"] == t.step and metrics["score"] == t.score
+        assert list((run / "adapter").glob("*.safetensors"))
+        if t.config["method"] == "craft":
+            saved = CraftConfig.load(run / "adapter")
+            assert (saved.rank_layers, saved.rank_out, saved.rank_in) == tuple(t.config[f"craft.rank_{a}"] for a in ("layers", "out", "in"))
+        else:
+            assert PeftConfig.from_pretrained(str(run / "adapter")).r == t.config["lora.r"]
+    assert len({t.path for t in smoke.trials}) == 6
 
 
 def test_early_stopped_trials_reach_optuna_as_pruned(smoke):
@@ -138,7 +165,9 @@ def test_a_diverging_trial_fails_alone(ray_address, cache_dir, tmp_path):
     assert client.get_run(result.parent_run_id).data.tags["craft.failed"] == "1"
 
 
-def test_a_killed_driver_resumes_without_lost_or_duplicated_trials(ray_address, mlflow_server, cache_dir, tmp_path, kill_driver_after):
+def test_a_killed_driver_resumes_without_lost_or_duplicated_trials(
+    ray_address, mlflow_server, cache_dir, tmp_path, kill_driver_after, check_study
+):
     command = [
         sys.executable, "-m", "search.cli", "sweep", "smoke", "--name", "killed", "--address", ray_address,
         "--storage", str(tmp_path), "--tracking-uri", mlflow_server, "--cache-dir", str(cache_dir),
@@ -157,6 +186,7 @@ def test_a_killed_driver_resumes_without_lost_or_duplicated_trials(ray_address, 
     )
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in children) == sorted(ids)  # one run per trial, none twice
     assert all(r.info.status == "FINISHED" for r in children) and client.get_run(parent_id).info.status == "FINISHED"
+    check_study(f"sqlite:///{tmp_path / 'killed' / STUDY_FILE}", summary)  # every trial told once, in its true state
 
 
 def test_cli_smoke_test_runs_a_few_short_trials(ray_address, cache_dir, tmp_path, capsys):
@@ -172,7 +202,7 @@ def test_cli_smoke_test_runs_a_few_short_trials(ray_address, cache_dir, tmp_path
     assert all(t["step"] <= 12 for t in summary["trials"]) and summary["counts"]["complete"] >= 1
 
 
-def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(ray_address, cache_dir, tmp_path):
+def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(ray_address, cache_dir, tmp_path, check_study):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = [
         sys.executable, "-m", "search.cli", "sweep", "smoke", "--name", "interrupted", "--address", ray_address,
@@ -190,9 +220,16 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(ray_address, cach
     client = MlflowClient(uri)
     parent_id = json.loads((tmp_path / "interrupted" / "sweep.json").read_text())["parent_run_id"]
     assert client.get_run(parent_id).info.status == "KILLED"
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    study_url = f"sqlite:///{tmp_path / 'interrupted' / STUDY_FILE}"
+    study = optuna.load_study(study_name=STUDY_NAME, storage=study_url)  # in the database since its first trial
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) >= 1
+    # Resumed with a changed spec: the sweep says so and goes on with the spec it started with.
+    resumed = subprocess.run(command + ["--resume", "--set", "search.num_samples=8"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "trials: 6 of 6" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "the spec differs from the one sweep interrupted started with (search.num_samples)" in resumed.stdout
     assert client.get_run(parent_id).info.status == "FINISHED"
+    check_study(study_url, json.loads((tmp_path / "interrupted" / SUMMARY_FILE).read_text()))
 
 
 def _rung_scores(result, step: int) -> list[float]:

@@ -64,3 +64,25 @@ def test_unreachable_server_fails_fast():
     with pytest.raises(ValueError, match="unreachable"):
         check_tracking_uri("http://127.0.0.1:9", timeout=2)
     assert time.monotonic() - start < 5
+
+
+def test_orphan_cleanup_reads_every_page_of_child_runs(tmp_path):
+    """A resumed sweep deletes the child runs of trials its restored state does not know: every
+    one of them, however many pages of children the parent has (pages of 2 here)."""
+    from search.names import TRIAL_ID_TAG
+    from search.sweep import _drop_orphans
+
+    uri = resolve_tracking_uri(None, tmp_path)
+    parent = RunTracker(uri, "exp", run_name="sweep")
+    known = {f"t{i}" for i in range(4)}
+    orphans = {f"o{i}" for i in range(3)}
+    children = {}
+    for trial in sorted(known | orphans):  # interleaved: orphans fall on several pages
+        child = RunTracker(uri, "exp", run_name=trial, parent_run_id=parent.run_id, tags={TRIAL_ID_TAG: trial})
+        child.end("FINISHED")
+        children[trial] = child.run_id
+    assert _drop_orphans(parent, "exp", known, page_size=2) == 3
+    client = MlflowClient(uri)
+    left = client.search_runs([client.get_experiment_by_name("exp").experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+    assert sorted(r.data.tags[TRIAL_ID_TAG] for r in left) == sorted(known)
+    assert all(client.get_run(children[o]).info.lifecycle_stage == "deleted" for o in orphans)
