@@ -5,7 +5,8 @@ nodes (``ray start --address``, each with its own CPU count), every one a separa
 --block`` process in its own session, plus ``mlflow server`` with a SQLite store; it waits until
 every node has joined and the server answers, and records each process (pid and start time) in
 ``STATE_DIR/cluster.json``. ``down`` stops exactly those processes and the processes below them,
-nothing else.
+nothing else. Each worker node gets a temporary directory of its own (``STATE_DIR/nodes/worker-N``,
+its ``TMPDIR``): like cloud nodes, the nodes share no scratch disk, only the sweep's storage.
 
 Drivers join at ``127.0.0.1:PORT`` and the MLflow server listens on 127.0.0.1 only. Ray itself
 never advertises loopback: its nodes reach each other on the machine's own IP, so the cluster
@@ -270,6 +271,7 @@ def _start_worker(
     role = f"worker-{i}"
     command = _node_command(role, cluster.ray_address, None, cpus, object_store_mb)
     log = Path(cluster.state_dir) / "logs" / f"{role}.log"
+    env = {**env, **_own_temp_dir(Path(cluster.state_dir) / "nodes" / role)}
     failure: _NodeExited | None = None
     for _ in range(2):
         node = spawn(role, command, log, env)
@@ -283,6 +285,16 @@ def _start_worker(
             _write_state(cluster)
             failure = err
     raise ValueError(f"{failure} (started twice)")
+
+
+def _own_temp_dir(path: Path) -> dict[str, str]:
+    """A worker node's environment for a temporary directory of its own, as a cloud node has
+    (nodes share no scratch disk): ``TMPDIR`` for the trials' files; Ray's own session files stay
+    where the head keeps them (``RAY_TMPDIR``)."""
+    from ray._common.utils import get_default_system_temp_dir
+
+    path.mkdir(parents=True, exist_ok=True)
+    return {"TMPDIR": str(path), "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", get_default_system_temp_dir())}
 
 
 def _forget_current_cluster(address: str) -> None:

@@ -88,12 +88,27 @@ def _check_complete(cluster, storage: Path, name: str, trials: int) -> dict:
     return summary
 
 
+def _check_outputs(cluster, storage: Path, summary: dict, alive: tuple[str, ...] = ("worker-1", "worker-2")) -> None:
+    """Every trial's run/ (config, metrics, adapter) is in the storage, though each node wrote it
+    in a scratch directory of its own; no live node keeps scratch files of the sweep."""
+    for trial in summary["trials"]:
+        run = Path(trial["path"]) / "run"
+        assert (run / "config.yaml").is_file() and (run / "metrics.json").is_file(), trial["trial_id"]
+        assert list((run / "adapter").glob("*.safetensors")), trial["trial_id"]
+        saved = json.loads((run / "metrics.json").read_text())
+        assert saved["adapter_parameters"] == trial["adapter_parameters"]
+    nodes = Path(cluster.state_dir) / "nodes"
+    assert sorted(p.name for p in nodes.iterdir()) == ["worker-1", "worker-2"]
+    assert [p for role in alive for p in nodes.glob(f"{role}/craft-search/{summary['name']}-*")] == []
+
+
 def test_trials_run_on_both_nodes_and_the_factors_are_decomposed_once(cluster, tmp_path):
     name = "both-nodes"
     sets = ("search.num_samples=4", "search.scheduler=fifo", "method=craft", "search.points_to_evaluate=null")
     done = _cli(*_sweep_args(cluster, tmp_path, name, *sets), timeout=600)  # CRAFT only: every trial fetches
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = _check_complete(cluster, tmp_path, name, 4)
+    _check_outputs(cluster, tmp_path, summary)
     workers = {cluster.nodes["worker-1"], cluster.nodes["worker-2"]}
     assert {t["node_id"] for t in summary["trials"]} == workers  # trials ran on both worker nodes, never the head
     parent = MlflowClient(cluster.mlflow_uri).get_run(summary["parent_run_id"])
@@ -109,7 +124,7 @@ def test_a_killed_driver_resumes(cluster, tmp_path, kill_driver_after):
     kill_driver_after([sys.executable, "-m", "search.cli", *args], finished=2, total=6)
     resumed = _cli(*args, "--resume", timeout=600)
     assert resumed.returncode == 0 and "trials: 6 of 6" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    _check_complete(cluster, tmp_path, name, 6)
+    _check_outputs(cluster, tmp_path, _check_complete(cluster, tmp_path, name, 6))
 
 
 def test_losing_a_worker_node_mid_sweep_loses_no_trial(cluster, tmp_path):
@@ -138,6 +153,7 @@ def test_losing_a_worker_node_mid_sweep_loses_no_trial(cluster, tmp_path):
     assert killed, output[-3000:]
     assert driver.returncode == 0 and "trials: 6 of 6" in output, output[-3000:]
     summary = _check_complete(cluster, tmp_path, name, 6)
+    _check_outputs(cluster, tmp_path, summary, alive=("worker-1",))  # worker-2's disk went with it
     retried = [r for r in _children(cluster, summary) if r.data.tags.get("craft.retries")]
     assert retried, "no trial was retried after the node loss"
     assert all(t["node_id"] == cluster.nodes["worker-1"] for t in summary["trials"] if t["trial_id"] in
