@@ -11,7 +11,8 @@ from .production import train_distributed
 from .report import FrontReport, report_front
 from .space import Domain, SpaceSampler
 from .spec import ResourcesBlock, SearchBlock, SweepSpec, check_against_model, load_sweep_spec
-from .sweep import SweepResult, TrialSummary, run_sweep
+from .storage import SweepStore
+from .sweep import SweepResult, TrialSummary, run_sweep, stored_spec
 from .warm_start import WarmStart, load_warm_start
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "SweepResult",
     "TrialSummary",
     "run_sweep",
+    "stored_spec",
+    "SweepStore",
     "WarmStart",
     "load_warm_start",
     "ParetoTrial",

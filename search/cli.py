@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -232,13 +233,17 @@ def _sweep_spec(args: argparse.Namespace):
 def _sweep(args: argparse.Namespace) -> int:
     import optuna
 
-    from .sweep import run_sweep
+    from .sweep import run_sweep, stored_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created"
 
     spec = _sweep_spec(args)
-    print(f"sweep {spec.name}: {spec.search.num_samples} trials of {spec.budget} steps, "
-          f"{spec.search.max_concurrent_trials} at a time, methods {', '.join(spec.methods)}", flush=True)  # fmt: skip
+    shown = spec
+    if args.resume:  # what runs is the spec the sweep started with
+        with contextlib.suppress(ValueError):  # no such sweep: run_sweep says so
+            shown = stored_spec(spec.name, args.storage)
+    print(f"sweep {shown.name}: {shown.search.num_samples} trials of {shown.budget} steps, "
+          f"{shown.search.max_concurrent_trials} at a time, methods {', '.join(shown.methods)}", flush=True)  # fmt: skip
     result = run_sweep(
         spec,
         address=args.address,
