@@ -173,14 +173,17 @@ def overhead_report(result: SweepResult) -> tuple[str, dict]:
         "overhead_per_trial_s": (result.wall_s - sum(train)) / n,
         "overhead_excl_prepare_s": (result.wall_s - sum(train) - sum(prepare)) / n,
         "median_gap_s": statistics.median(b[0] - a[1] for a, b in zip(spans, spans[1:])) if len(spans) > 1 else None,
+        "mean_persist_s": mean_or_none([t.metrics.get("persist_s") for t in result.trials]),
     }
     columns = ["trials", "sweep wall s", "mean train s", "mean prepare s", "mean Ray time_total_s", "overhead / trial s"]
-    columns += ["overhead excl. prepare s", "median gap between trials s"]
+    columns += ["overhead excl. prepare s", "median gap between trials s", "mean persist s (in train s)"]
     row = [n, *("n/a" if v is None else f"{v:.2f}" for k, v in d.items() if k != "trials")]
     share = (
         f"overhead as % of a {TRIAL_S:.0f} s trial = {100 * d['overhead_per_trial_s'] / TRIAL_S:.1f}% "
         f"(goal < 5%, i.e. < 3 s per trial); excluding prepare {100 * d['overhead_excl_prepare_s'] / TRIAL_S:.1f}%"
     )
+    if d["mean_persist_s"] is not None:  # copying run/ and the checkpoint to the storage at every evaluation
+        share += f"; keeping each trial in the storage (inside train s) = {100 * d['mean_persist_s'] / d['mean_train_s']:.1f}% of its training"
     title = "### (b) the system's own overhead per trial (FIFO, one trial at a time)"
     return f"{title}\n\n{md_table(columns, [row])}\n\n{share}", {**d, "train_s": train, "prepare_s": prepare}
 

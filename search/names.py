@@ -13,6 +13,7 @@ __all__ = [
     "PRUNED_TAG",
     "CONFIG_TAG",
     "TRAIN_SECONDS",
+    "PERSIST_SECONDS",
     "REPORTED_AT",
 ]
 
@@ -22,6 +23,7 @@ ADAPTER_PARAMETERS = "adapter_parameters"  # trainable parameters outside the he
 STEP = "step"  # optimiser steps done (the schedulers' time attribute)
 ELAPSED = "elapsed_s"  # seconds of training so far
 REPORTED_AT = "reported_at"  # wall-clock time of the report (orders the reports of concurrent trials)
+PERSIST_SECONDS = "persist_s"  # seconds the trial has spent so far copying run/ and its checkpoint to the storage
 TRAIN_SECONDS = "train_s"  # seconds the full training took: only in a completed trial's last report
 NODE_ID = "node_id"  # the Ray node the trial ran on
 GPU_IDS = "gpu_ids"  # the GPUs Ray assigned the trial (ray.get_gpu_ids(), comma-separated; empty without)

@@ -355,7 +355,6 @@ def run_sweep(
         tune.with_parameters(run_trial, spec=spec, cache_name=cache_name, scratch_key=scratch_key),
         spec.resources.to_ray(),
     )
-    searcher = None
     stopper = TotalStepsStopper(spec.search.max_total_steps) if spec.search.max_total_steps else None
     with study_location(study_url):
         if resume:
@@ -432,8 +431,8 @@ def run_sweep(
     limit = spec.search.max_total_steps  # the compute budget ended it: finished, not interrupted (also after --resume)
     spent = limit is not None and sum(t.step or 0 for t in trials) >= limit
     finished = (spent or len(trials) >= spec.search.num_samples) and result.count("unfinished") == 0
-    if finished:
-        result.cache["stale_study_trials"] = close_study(study_url)  # asked by a killed driver, never run: FAIL
+    if finished:  # trials a killed driver sampled that no Ray trial will run: FAIL, none left RUNNING
+        parent.set_tags({"craft.study_trials_failed_unrun": close_study(study_url)})
     if store.local_path is None:
         mirror_study(study_url, store)
     store.write_json(SUMMARY_FILE, result.to_dict())

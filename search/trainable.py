@@ -31,7 +31,18 @@ from craft.methods import save_adapter
 from craft.trainer import EvalEvent, resolve_device
 
 from .factor_cache import fetch_factors
-from .names import ADAPTER_PARAMETERS, ELAPSED, FINAL_SCORE, GPU_IDS, NODE_ID, REPORTED_AT, SCORE, STEP, TRAIN_SECONDS
+from .names import (
+    ADAPTER_PARAMETERS,
+    ELAPSED,
+    FINAL_SCORE,
+    GPU_IDS,
+    NODE_ID,
+    PERSIST_SECONDS,
+    REPORTED_AT,
+    SCORE,
+    STEP,
+    TRAIN_SECONDS,
+)
 from .runner import event_metrics
 from .scratch import scratch_dir
 from .spec import SweepSpec
@@ -169,14 +180,19 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, cache_name: str | None
         return {**event_metrics(event), SCORE: event.metrics["score"], STEP: event.step, ELAPSED: event.elapsed,
                 REPORTED_AT: time.time(), **common}  # fmt: skip
 
+    persisted = [0.0]
+
     def report(event: EvalEvent) -> None:
         if event.is_final:  # the last evaluation is reported with the test scores below
             return
         metrics = metrics_of(event)
+        began = time.perf_counter()
         save_adapter(prepared.adapted, run_dir / "adapter")  # the adapter as it is at this evaluation
         (run_dir / METRICS_FILE).write_text(json.dumps({"complete": False, **metrics}, indent=2, default=str) + "\n")
         storage.upload(run_dir)
         storage.save_checkpoint(scratch / "checkpoint", event.step)
+        persisted[0] += time.perf_counter() - began
+        metrics[PERSIST_SECONDS] = persisted[0]  # what keeping the trial in the storage has cost so far
         tune.report(metrics)
 
     try:
@@ -191,7 +207,9 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, cache_name: str | None
     metrics = metrics_of(final)
     metrics.update(job.test_metrics)
     metrics.update({FINAL_SCORE: final.metrics["score"], "prepare_s": prepared.seconds, TRAIN_SECONDS: job.timings["train_s"]})
-    metrics["finished_at"] = time.time()
+    began = time.perf_counter()
     storage.upload(run_dir)  # run_job wrote config, adapter and the job's metrics.json there
+    metrics[PERSIST_SECONDS] = persisted[0] + time.perf_counter() - began
+    metrics["finished_at"] = time.time()
     tune.report(metrics)
     shutil.rmtree(scratch, ignore_errors=True)  # stopped trials leave theirs: the driver clears every node's at the end

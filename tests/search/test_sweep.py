@@ -92,6 +92,11 @@ def test_every_trial_leaves_its_config_adapter_and_metrics_in_the_storage(smoke)
         else:  # its last evaluation, where the scheduler stopped it
             assert metrics["step"] == t.step and metrics["score"] == t.score
         assert list((run / "adapter").glob("*.safetensors"))
+        # One training checkpoint per trial, the one its pointer names: the last evaluation's before
+        # the end (32 steps, evaluated every 8), or where the scheduler stopped it.
+        pointer = json.loads((Path(t.path) / "checkpoint.json").read_text())
+        assert [p.name for p in Path(t.path).glob("checkpoint_*")] == [pointer["dir"]]
+        assert pointer["step"] == (24 if t.outcome == "complete" else t.step)
         if t.config["method"] == "craft":
             saved = CraftConfig.load(run / "adapter")
             assert (saved.rank_layers, saved.rank_out, saved.rank_in) == tuple(t.config[f"craft.rank_{a}"] for a in ("layers", "out", "in"))
