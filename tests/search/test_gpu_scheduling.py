@@ -42,7 +42,7 @@ def _most_at_once(intervals: list[tuple[float, float]]) -> int:
 def test_quarter_gpu_trials_run_four_at_a_time_record_their_gpu_and_fall_back_to_the_cpu(ray_with_a_declared_gpu, tmp_path):
     spec = load_sweep_spec(preset_path("smoke.yaml"), [
         "method=lora", "search.num_samples=4", "search.max_concurrent_trials=4", "search.scheduler=fifo",
-        "search.points_to_evaluate=null", "search.max_budget=24", "resources.cpu=0.5", "resources.gpu=0.25",
+        "search.points_to_evaluate=null", "search.max_budget=16", "resources.cpu=0.5", "resources.gpu=0.25",
         "train.device=auto",
     ], name="gpu-quarters")  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
