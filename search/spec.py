@@ -41,6 +41,7 @@ __all__ = [
     "ModelFacts",
     "load_sweep_spec",
     "spec_from_dict",
+    "spec_changes",
     "check_against_model",
 ]
 
@@ -290,6 +291,18 @@ def load_sweep_spec(path: str | Path, overrides: list[str] | None = None, name: 
         return _build(data, path, name)
     except ValueError as err:
         raise ValueError(f"sweep spec {path.name}: {err}") from None
+
+
+def spec_changes(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two specs as plain data (:meth:`SweepSpec.to_dict`)."""
+    keys = []
+    for key in sorted(set(before) | set(after), key=str):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += spec_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def spec_from_dict(data: dict[str, Any]) -> SweepSpec:

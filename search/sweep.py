@@ -35,7 +35,7 @@ from craft.tasks import load_task
 from .layout import DEFAULT_STORAGE, STUDY_FILE, SUMMARY_FILE, SWEEP_FILE
 from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, SCORE, STEP, TRIAL_ID_TAG
 from .plan import describe_methods
-from .spec import SweepSpec, check_against_model, spec_from_dict
+from .spec import SweepSpec, check_against_model, spec_changes, spec_from_dict
 from .storage import SweepStore, resolve_storage
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
@@ -132,18 +132,6 @@ def stored_spec(name: str, storage: str | None = None) -> SweepSpec:
     if not store.exists(SWEEP_FILE):
         raise ValueError(f"no sweep named {name!r} in {store.storage} (no {SWEEP_FILE}); pass a spec file or preset, or --storage")
     return spec_from_dict(store.read_json(SWEEP_FILE)["spec"])
-
-
-def _changed_keys(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    keys = []
-    for key in sorted(set(before) | set(after), key=str):
-        a, b = before.get(key), after.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 @contextlib.contextmanager
@@ -310,7 +298,7 @@ def run_sweep(
         if not store.exists(SWEEP_FILE):
             raise ValueError(f"no sweep named {spec.name!r} to resume in {store.storage}; run it without --resume first")
         state = store.read_json(SWEEP_FILE)
-        changed = _changed_keys(state["spec"], spec.to_dict())
+        changed = spec_changes(state["spec"], spec.to_dict())
         spec = spec_from_dict(state["spec"])  # the trials already run came from this one
         if changed and progress:
             shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
@@ -393,6 +381,7 @@ def run_sweep(
                     verbose=0,
                 ),
             )
+        copied = None  # the study's hash as last copied to object storage
         try:
             with _tune_environment(spec):
                 results = tuner.fit()
@@ -401,7 +390,7 @@ def run_sweep(
             ray.kill(cache)
             clear_scratch_everywhere(scratch_key)
             if store.local_path is None:
-                mirror_study(study_url, store)
+                copied = mirror_study(study_url, store)
     trials = _summaries(results, store)
     orphans = _drop_orphans(parent, experiment, {t.trial_id for t in trials}) if resume else 0
     result = SweepResult(
@@ -434,7 +423,7 @@ def run_sweep(
     if finished:  # trials a killed driver sampled that no Ray trial will run: FAIL, none left RUNNING
         parent.set_tags({"craft.study_trials_failed_unrun": close_study(study_url)})
     if store.local_path is None:
-        mirror_study(study_url, store)
+        mirror_study(study_url, store, unless=copied)  # again only if close_study changed it
     store.write_json(SUMMARY_FILE, result.to_dict())
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")

@@ -84,6 +84,8 @@ class _TrialStorage:
         self.fs: pafs.FileSystem = storage.storage_filesystem
         self.trial = storage.trial_fs_path
         self.run = f"{self.trial}/{RUN_DIR}"
+        # The checkpoint the pointer names: read once here, then kept as this trial moves it.
+        self._latest: str | None = (self._read_json(f"{self.trial}/{CHECKPOINT_POINTER}") or {}).get("dir")
 
     def _read_json(self, path: str) -> dict | None:
         if self.fs.get_file_info(path).type != pafs.FileType.File:
@@ -102,12 +104,11 @@ class _TrialStorage:
 
     def restore_checkpoint(self, target: Path) -> bool:
         """Copy the trial's latest checkpoint to ``target``; False when it has none yet."""
-        pointer = self._read_json(f"{self.trial}/{CHECKPOINT_POINTER}")
-        if pointer is None:
+        if self._latest is None:
             return False
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
-        pafs.copy_files(f"{self.trial}/{pointer['dir']}", str(target), source_filesystem=self.fs,
+        pafs.copy_files(f"{self.trial}/{self._latest}", str(target), source_filesystem=self.fs,
                         destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
         return True
 
@@ -115,15 +116,16 @@ class _TrialStorage:
         """Copy the local checkpoint ``source`` (taken at ``step``) to the storage, point at it,
         then delete the one it replaces."""
         name = f"checkpoint_{step:08d}"
-        before = self._read_json(f"{self.trial}/{CHECKPOINT_POINTER}")
+        before = self._latest
         self.fs.create_dir(f"{self.trial}/{name}", recursive=True)
         pafs.copy_files(str(source), f"{self.trial}/{name}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         partial = f"{self.trial}/.{CHECKPOINT_POINTER}.partial"
         with self.fs.open_output_stream(partial) as stream:
             stream.write(json.dumps({"dir": name, "step": step}).encode())
         self.fs.move(partial, f"{self.trial}/{CHECKPOINT_POINTER}")  # a rename on a local disk
-        if before is not None and before["dir"] != name:
-            self.fs.delete_dir(f"{self.trial}/{before['dir']}")
+        self._latest = name
+        if before is not None and before != name:
+            self.fs.delete_dir(f"{self.trial}/{before}")
 
 
 def _device_line(device: str) -> str | None:
