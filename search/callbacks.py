@@ -1,46 +1,41 @@
-"""Ray Tune callbacks of a sweep, run in the driver: MLflow child runs, the progress lines, and
-the copy of the Optuna study in object storage.
+"""Ray Tune callbacks of a sweep, run in the driver: MLflow child runs and the copy of the Optuna
+study in object storage (the progress lines are in :mod:`search.progress`).
 
 The driver is the only writer of every MLflow run of a sweep: the parent and one nested run per
-trial (params, metrics at every evaluation, adapter parameters, outcome). A trial's child run is
-found again by its trial-id tag, so a resumed sweep or a retried trial never opens a second one.
+trial (params, metrics at every evaluation, adapter parameters, outcome), through the sweep's
+tracking queue, off Ray Tune's scheduling loop. A trial's child run is found again by its
+trial-id tag, so a resumed sweep or a retried trial never opens a second one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sqlite3
-import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from .layout import STUDY_FILE
 from .names import (
-    ADAPTER_PARAMETERS,
     CONFIG_TAG,
     FINAL_SCORE,
     GPU_IDS,
     NODE_ID,
     OUTCOME_TAG,
     PRUNED_TAG,
-    SCORE,
     STEP,
-    TRIAL_ID_TAG,
 )
 from .searcher import current_study_url
-from .space import describe_config
 from .spec import SweepSpec
 from .storage import SweepStore
-from .tracking import RunTracker
+from .tracking import flatten
+from .tracking_queue import TrackingQueue, current_tracking_queue
 
-__all__ = ["MlflowSweepCallback", "ProgressCallback", "StudyMirrorCallback", "mirror_study", "trial_outcome", "error_line"]
+__all__ = ["MlflowSweepCallback", "StudyMirrorCallback", "mirror_study", "trial_outcome", "error_line"]
 
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint", NODE_ID, GPU_IDS, "device",
                                  "started_at", "finished_at"}  # fmt: skip
@@ -69,7 +64,9 @@ def error_line(trial: Any) -> str:
 
 
 class MlflowSweepCallback(Callback):
-    """One nested MLflow run per trial under the sweep's parent run, written by the driver.
+    """One nested MLflow run per trial under the sweep's parent run: the driver's writes, put on
+    the sweep's :class:`~search.tracking_queue.TrackingQueue` (sent by its own thread: nothing
+    here waits on the server or can fail the sweep).
 
     Args:
         uri: tracking URI.
@@ -80,103 +77,54 @@ class MlflowSweepCallback(Callback):
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, spec: SweepSpec):
         self.uri, self.experiment, self.parent_run_id, self.spec = uri, experiment, parent_run_id, spec
-        self._trackers: dict[str, RunTracker] = {}
+        self._opened: set[str] = set()
         self._nodes: dict[str, str] = {}
 
-    def __getstate__(self) -> dict:  # Ray saves callbacks with the experiment: no live clients
-        return {**self.__dict__, "_trackers": {}, "_nodes": {}}
+    def __getstate__(self) -> dict:  # Ray saves callbacks with the experiment: a resumed driver opens again
+        return {**self.__dict__, "_opened": set(), "_nodes": {}}
 
-    def _tracker(self, trial: Any) -> RunTracker:
-        tracker = self._trackers.get(trial.trial_id)
-        if tracker is not None:
-            return tracker
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=self.uri)
-        experiment = client.get_experiment_by_name(self.experiment)
-        found = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
-            max_results=1,
-        )
-        if found:
-            tracker = RunTracker(self.uri, self.experiment, run_id=found[0].info.run_id)
-        else:
-            method = trial.config.get("method", "craft")
-            tags = {
-                TRIAL_ID_TAG: trial.trial_id,
-                "craft.method": method,
-                "craft.sweep": self.spec.name,
-                CONFIG_TAG: json.dumps(trial.config, default=str),
-            }
-            tracker = RunTracker(self.uri, self.experiment, run_name=trial.trial_id, parent_run_id=self.parent_run_id, tags=tags)
-            tracker.log_params(self.spec.run_data(trial.config))
-        self._trackers[trial.trial_id] = tracker
-        return tracker
+    def _queue(self, trial: Any) -> TrackingQueue | None:
+        queue = current_tracking_queue()
+        if queue is None:
+            return None
+        if trial.trial_id not in self._opened:  # the first event this driver sees of the trial
+            tags = {"craft.method": trial.config.get("method", "craft"), "craft.sweep": self.spec.name,
+                    CONFIG_TAG: json.dumps(trial.config, default=str)}  # fmt: skip
+            queue.open_run(trial.trial_id, trial.trial_id, tags, flatten(self.spec.run_data(trial.config)))
+            self._opened.add(trial.trial_id)
+        return queue
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self._tracker(trial)
+        self._queue(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info) -> None:
-        tracker = self._tracker(trial)
+        queue = self._queue(trial)
+        if queue is None:
+            return
         metrics = {k: v for k, v in result.items() if k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        tracker.log_metrics(metrics, step=int(result.get(STEP, 0)))
+        tags = {}
         node = result.get(NODE_ID)
         if node and self._nodes.get(trial.trial_id) != node:  # the device assignment too: it changes with the node
-            tracker.set_tags({"craft.node_id": node, "craft.gpu_ids": str(result.get(GPU_IDS, "")), "craft.device": str(result.get("device", ""))})
+            tags = {"craft.node_id": node, "craft.gpu_ids": str(result.get(GPU_IDS, "")), "craft.device": str(result.get("device", ""))}
             self._nodes[trial.trial_id] = node
+        queue.log(trial.trial_id, metrics, step=int(result.get(STEP, 0)), tags=tags)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self._tracker(trial).set_tags({"craft.retries": trial.num_failures})
+        queue = self._queue(trial)
+        if queue is not None:
+            queue.log(trial.trial_id, tags={"craft.retries": trial.num_failures})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        tracker = self._tracker(trial)
-        outcome = trial_outcome(trial, ended=True)
-        tracker.set_tags({OUTCOME_TAG: outcome, PRUNED_TAG: str(outcome == "pruned").lower()})
-        tracker.end("FINISHED")
+        queue = self._queue(trial)
+        if queue is not None:
+            outcome = trial_outcome(trial, ended=True)
+            queue.end_run(trial.trial_id, "FINISHED", {OUTCOME_TAG: outcome, PRUNED_TAG: str(outcome == "pruned").lower()})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        tracker = self._tracker(trial)
-        tracker.set_tags(
-            {OUTCOME_TAG: "failed", PRUNED_TAG: "false", "craft.error": error_line(trial) or "see the trial's error.txt"}
-        )
-        tracker.end("FAILED")
-
-
-class ProgressCallback(Callback):
-    """A line per finished trial: outcome, score, adapter size, config; counts as it goes."""
-
-    def __init__(self, total: int, stream: TextIO | None = None):
-        self.total = total
-        self.stream = stream
-        self.done = 0
-        self.started = time.time()
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "stream": None}
-
-    def _print(self, trials: list, trial: Any, outcome: str) -> None:
-        # Counted from the trials, not incremented: a resumed sweep counts the ones done before.
-        self.done = sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials)
-        last = trial.last_result or {}
-        score = last.get(FINAL_SCORE, last.get(SCORE))
-        params = last.get(ADAPTER_PARAMETERS)
-        parts = [f"[{self.done}/{self.total}] {trial.trial_id} {outcome:<8}"]
-        if isinstance(score, (int, float)) and math.isfinite(score):
-            parts.append(f"score {score:.4f}" + (f" at step {last.get(STEP)}" if outcome == "pruned" else ""))
-        if isinstance(params, int):
-            parts.append(f"{params:,} params")
-        parts.append(describe_config(trial.config))
-        if outcome == "failed":
-            parts.append(f"({error_line(trial)})")
-        parts.append(f"[{time.time() - self.started:.0f}s]")
-        print("  ".join(parts), file=self.stream or sys.stdout, flush=True)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self._print(trials, trial, trial_outcome(trial, ended=True))
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info) -> None:
-        self._print(trials, trial, "failed")
+        queue = self._queue(trial)
+        if queue is not None:
+            tags = {OUTCOME_TAG: "failed", PRUNED_TAG: "false", "craft.error": error_line(trial) or "see the trial's error.txt"}
+            queue.end_run(trial.trial_id, "FAILED", tags)
 
 
 def mirror_study(study_url: str, store: SweepStore, unless: str | None = None) -> str:

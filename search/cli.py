@@ -406,6 +406,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FloatingPointError as err:
         print(f"craft-search: training diverged: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        from .tracking_queue import TrackingUnavailable
+
+        if not isinstance(err, TrackingUnavailable):
+            raise
+        print(f"craft-search: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ class SearchBlock:
     factor_cache: str | None = None  # directory of cached HOSVD factors (default: ~/.cache/craft-search/factors)
     warm_start: str | None = None  # an earlier sweep (name, path or runs:/ID) whose complete trials seed the study
     max_total_steps: int | None = None  # stop the sweep once its trials have run this many optimiser steps in all
+    tracking_wait_s: float = 120.0  # at the end, how long an unreachable MLflow server is waited for (then: --resume)
 
     def __post_init__(self) -> None:
         _int_at_least(self.num_samples, 1, "search.num_samples")
@@ -89,6 +90,9 @@ class SearchBlock:
         _int_at_least(self.max_adapter_params, 0, "search.max_adapter_params", allow_none=True)
         _int_at_least(self.max_failures, 0, "search.max_failures")
         _int_at_least(self.max_total_steps, 1, "search.max_total_steps", allow_none=True)
+        wait = self.tracking_wait_s
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait < float("inf"):
+            raise ValueError(f"search.tracking_wait_s must be a number of seconds >= 0, got {wait!r}")
         if self.warm_start is not None and (not isinstance(self.warm_start, str) or not self.warm_start.strip()):
             raise ValueError(f"search.warm_start must name a sweep (its name, results directory or runs:/ID), got {self.warm_start!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -123,6 +123,11 @@ class SweepStore:
         pafs.copy_files(self.path(relative), str(local), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
         return local
 
+    def remove(self, relative: str) -> None:
+        """Delete the file ``relative`` (nothing when it is not there)."""
+        if self.exists(relative):
+            self.fs.delete_file(self.path(relative))
+
     def listdir(self, relative: str = "") -> list[str]:
         """Names of the entries directly inside ``relative`` (empty when it does not exist)."""
         selector = pafs.FileSelector(self.path(relative), allow_not_found=True)

@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -38,6 +39,7 @@ from .plan import describe_methods
 from .spec import SweepSpec, check_against_model, spec_changes, spec_from_dict
 from .storage import SweepStore, resolve_storage
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
+from .tracking_queue import PARENT, PENDING_FILE, TrackingQueue, TrackingUnavailable, tracking_queue
 
 __all__ = [
     "TrialSummary",
@@ -84,6 +86,7 @@ class SweepResult:
     wall_s: float
     requested: int
     pareto: dict[str, Any] | None = None  # the front's trial ids, hypervolumes and plot paths (search.report)
+    tracking: dict[str, Any] | None = None  # the MLflow writes: requests, seconds, retries, longest outage
 
     def count(self, outcome: str) -> int:
         """Trials that ended ``outcome`` (complete, pruned, failed)."""
@@ -139,7 +142,9 @@ def _tune_environment(spec: SweepSpec):
     """Ray Tune settings read from the environment, set for one ``fit`` and restored after."""
     settings = {
         "TUNE_MAX_PENDING_TRIALS_PG": str(spec.search.max_concurrent_trials),  # else Optuna trials start one by one
-        "TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "2"),  # a killed driver loses <= ~2 s
+        # Snapshots of the sweep's state on Ray's adaptive schedule (<= 5% of the time, at least every 10 s)
+        # unless the user sets one; a resumed sweep reruns what the last snapshot missed, from the trials' checkpoints.
+        "TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "auto"),
         "RAY_AIR_NEW_OUTPUT": os.environ.get("RAY_AIR_NEW_OUTPUT", "0"),  # with verbose=0: no Ray tables, our lines
         # Every trial checkpoint forces a snapshot of the sweep state (what --resume needs): expected, not a warning.
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
@@ -224,6 +229,20 @@ def _summaries(results: Any, store: SweepStore) -> list[TrialSummary]:
     return trials
 
 
+def _keep_pending(left: list[dict], store: SweepStore) -> None:
+    """Keep the MLflow writes the server did not take in the sweep's storage for ``--resume``
+    (or remove those an earlier driver kept, now sent)."""
+    if left:
+        store.write_json(PENDING_FILE, left)
+    elif store.exists(PENDING_FILE):
+        store.remove(PENDING_FILE)
+
+
+def _tracking_stats(stats: dict[str, Any], trials: int) -> dict[str, Any]:
+    per_trial = stats["request_s"] / max(trials, 1)
+    return {**stats, "request_s": round(stats["request_s"], 3), "request_s_per_trial": round(per_trial, 4)}
+
+
 def _drop_orphans(parent: RunTracker, experiment: str, trial_ids: set[str], page_size: int = 1000) -> int:
     """Delete child runs of trials the restored experiment does not know (sampled after its last
     save), reading every page of the parent's children."""
@@ -276,15 +295,16 @@ def run_sweep(
         resume: continue the interrupted sweep of this name in ``storage``, with the spec it
             started with (read from its ``sweep.json``; a ``spec`` that differs is named in one line).
         cache_dir: the on-disk factor cache (default: the spec's, else ``~/.cache/craft-search/factors``).
-        progress: print a line per finished trial.
+        progress: print a line per finished trial and, between them, the sweep's status.
 
     Raises:
         ValueError: bad input of any kind, before Ray starts; an unreachable cluster.
     """
     from ray import tune
 
-    from .callbacks import MlflowSweepCallback, ProgressCallback, StudyMirrorCallback, mirror_study
+    from .callbacks import MlflowSweepCallback, StudyMirrorCallback, mirror_study
     from .factor_cache import FactorCache, default_cache_dir, publish_factors
+    from .progress import ProgressCallback
     from .schedulers import TotalStepsStopper, make_scheduler
     from .scratch import clear_scratch_everywhere
     from .searcher import ParetoOptunaSearch, close_study, make_sampler, study_location
@@ -336,6 +356,8 @@ def run_sweep(
     previous = parent.client.get_run(parent.run_id).data.tags.get("craft.decompositions")
     decompositions = stats["decompositions"] + (int(previous) if resume and previous else 0)
     parent.set_tags({"craft.decompositions": decompositions, "craft.factor_disk_loads": stats["disk_loads"]})
+    pending = store.read_json(PENDING_FILE) if resume and store.exists(PENDING_FILE) else None  # an outage's writes
+    queue = TrackingQueue(uri, experiment, parent.run_id, pending=pending)
     scratch_key = f"{spec.name}-{parent.run_id[:8]}"  # the same after a resume: its leftovers are cleared too
     study_url = _study_url(spec, store, storage, resume)
 
@@ -362,7 +384,8 @@ def run_sweep(
             if store.local_path is None:
                 callbacks.append(StudyMirrorCallback(store.storage, spec.name))
             if progress:
-                callbacks.append(ProgressCallback(spec.search.num_samples))
+                callbacks.append(ProgressCallback(spec.search.num_samples, budget=spec.budget,
+                                                  max_total_steps=spec.search.max_total_steps))  # fmt: skip
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -383,7 +406,7 @@ def run_sweep(
             )
         copied = None  # the study's hash as last copied to object storage
         try:
-            with _tune_environment(spec):
+            with _tune_environment(spec), tracking_queue(queue):
                 results = tuner.fit()
             fetches = ray.get(cache.stats.remote())["fetches"]
         finally:
@@ -391,8 +414,9 @@ def run_sweep(
             clear_scratch_everywhere(scratch_key)
             if store.local_path is None:
                 copied = mirror_study(study_url, store)
+            if sys.exc_info()[0] is not None:  # interrupted: what the server has not taken waits for --resume
+                _keep_pending(queue.close(min(spec.search.tracking_wait_s, 10.0)), store)
     trials = _summaries(results, store)
-    orphans = _drop_orphans(parent, experiment, {t.trial_id for t in trials}) if resume else 0
     result = SweepResult(
         name=spec.name,
         path=store.uri,
@@ -405,26 +429,31 @@ def run_sweep(
         requested=spec.search.num_samples,
     )
     best = result.best(1)
-    parent.set_tags(
-        {
-            "craft.trials": len(trials),
-            "craft.complete": result.count("complete"),
-            "craft.pruned": result.count("pruned"),
-            "craft.failed": result.count("failed"),
-            "craft.orphans_deleted": orphans,
-            "craft.best_trial": best[0].trial_id if best else "none",
-        }
-    )
-    if best:
-        parent.log_metrics({"best_final_score": best[0].score, "best_adapter_parameters": best[0].adapter_parameters or 0})
     limit = spec.search.max_total_steps  # the compute budget ended it: finished, not interrupted (also after --resume)
     spent = limit is not None and sum(t.step or 0 for t in trials) >= limit
     finished = (spent or len(trials) >= spec.search.num_samples) and result.count("unfinished") == 0
     if finished:  # trials a killed driver sampled that no Ray trial will run: FAIL, none left RUNNING
-        parent.set_tags({"craft.study_trials_failed_unrun": close_study(study_url)})
+        unrun = close_study(study_url)
     if store.local_path is None:
         mirror_study(study_url, store, unless=copied)  # again only if close_study changed it
+    counts = {"craft.trials": len(trials), **{f"craft.{o}": result.count(o) for o in ("complete", "pruned", "failed")},
+              "craft.best_trial": best[0].trial_id if best else "none"}  # fmt: skip
+    if finished:
+        counts["craft.study_trials_failed_unrun"] = unrun
+    queue.log(PARENT, {"best_final_score": best[0].score, "best_adapter_parameters": best[0].adapter_parameters or 0}
+              if best else {}, tags=counts)  # fmt: skip
+    left = queue.close(spec.search.tracking_wait_s)
+    result.tracking = _tracking_stats(queue.stats, len(trials))
     store.write_json(SUMMARY_FILE, result.to_dict())
+    _keep_pending(left, store)
+    if left:
+        raise TrackingUnavailable(
+            f"MLflow at {uri} has not answered for {spec.search.tracking_wait_s:.0f} s: the sweep's {len(trials)} trials are "
+            f"done and kept in {store.uri}, {len(left)} MLflow writes wait in {store.location(PENDING_FILE)}; start the "
+            f"server and run `craft-search sweep {spec.name} --resume --storage {store.storage}` to write them"
+        )
+    parent.set_tags({"craft.orphans_deleted": _drop_orphans(parent, experiment, {t.trial_id for t in trials}) if resume else 0,
+                     **{f"craft.mlflow_{k}": v for k, v in result.tracking.items()}})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
         parent.client.log_artifact(parent.run_id, str(Path(tmp) / SUMMARY_FILE))

@@ -21,42 +21,73 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend, in its own process group; it
+    can be stopped and started again on the same port and database (an outage)."""
+
+    def __init__(self, root):
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.log = None
+
+    def start(self, timeout: float = 120) -> MlflowServer:
+        """Start it and wait until ``/health`` answers."""
+        self.log = open(self.root / "server.log", "a")  # noqa: SIM115 - closed by stop()
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop the whole process group (SIGTERM, then SIGKILL after 30 s)."""
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+        self.log.close()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` with a SQLite backend, bound to loopback; stopped (whole process
     group) at the end of the session. Yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield uri
+        yield server.uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.stop()
+
+
+@pytest.fixture
+def restartable_mlflow(tmp_path_factory):
+    """A started :class:`MlflowServer` of this test's own, which the test may stop and start."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-restartable")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "plot", "and", "acting"]
