@@ -86,3 +86,39 @@ def test_orphan_cleanup_reads_every_page_of_child_runs(tmp_path):
     left = client.search_runs([client.get_experiment_by_name("exp").experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in left) == sorted(known)
     assert all(client.get_run(children[o]).info.lifecycle_stage == "deleted" for o in orphans)
+
+
+def test_the_queue_batches_a_runs_writes_and_stores_a_write_sent_twice_once(tmp_path):
+    from search.names import TRIAL_ID_TAG
+    from search.tracking_queue import TrackingQueue
+
+    uri = resolve_tracking_uri(None, tmp_path)
+    parent = RunTracker(uri, "queue", run_name="parent")
+    stamp = 1_700_000_000_000
+    logs = [{"op": "log", "key": "t1", "metrics": [["score", 0.5 + s / 100, stamp + s, s]], "tags": {"n": str(s)}} for s in (8, 16)]
+    # what a driver kept after an outage: the open, two evaluations, the second one again (its answer
+    # was lost, so it was sent a second time), and the end
+    pending = [{"op": "open", "key": "t1", "name": "t1", "tags": {"craft.sweep": "q"}, "params": {"train.lr": "0.01"}},
+               *logs, logs[1], {"op": "end", "key": "t1", "status": "FINISHED", "end_time": stamp + 20}]  # fmt: skip
+    queue = TrackingQueue(uri, "queue", parent.run_id, pending=pending)
+    assert queue.close(wait_s=30) == []
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([parent.experiment_id], f"tags.`{TRIAL_ID_TAG}` = 't1'")
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.data.params == {"train.lr": "0.01"} and run.data.tags["n"] == "16"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "score")] == [(8, 0.58), (16, 0.66)]
+    # the experiment's id, the search for the run, its creation, its params; the three evaluations in one batch; the end
+    assert queue.stats["requests"] == 1 + 1 + 1 + 1 + 1 + 1
+    assert queue.stats["writes"] == 5 and queue.stats["retries"] == 0
+
+
+def test_the_queue_waits_for_a_server_that_does_not_answer_then_gives_the_writes_back():
+    from search.tracking_queue import TrackingQueue
+
+    dead = "http://127.0.0.1:9"  # the discard port: nothing answers there
+    queue = TrackingQueue(dead, "queue", "0" * 32, max_pause_s=0.2)
+    queue.log("parent", {"x": 1.0}, step=1)
+    start = time.monotonic()
+    left = queue.close(wait_s=1.0)
+    assert 1.0 <= time.monotonic() - start < 30 and queue.stats["retries"] >= 1
+    assert [w["op"] for w in left] == ["log"] and left[0]["metrics"][0][:2] == ["x", 1.0]
