@@ -37,6 +37,14 @@ from .tracking_queue import TrackingQueue, current_tracking_queue
 
 __all__ = ["MlflowSweepCallback", "StudyMirrorCallback", "mirror_study", "trial_outcome", "error_line"]
 
+
+def __getattr__(name: str) -> Any:  # sweeps saved before ProgressCallback moved name it here
+    if name == "ProgressCallback":
+        from .progress import ProgressCallback
+
+        return ProgressCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint", NODE_ID, GPU_IDS, "device",
                                  "started_at", "finished_at"}  # fmt: skip
 
@@ -82,6 +90,10 @@ class MlflowSweepCallback(Callback):
 
     def __getstate__(self) -> dict:  # Ray saves callbacks with the experiment: a resumed driver opens again
         return {**self.__dict__, "_opened": set(), "_nodes": {}}
+
+    def __setstate__(self, state: dict) -> None:  # an earlier version kept live trackers here
+        state = {k: v for k, v in state.items() if k != "_trackers"}
+        self.__dict__.update({**state, "_opened": set(), "_nodes": {}})
 
     def _queue(self, trial: Any) -> TrackingQueue | None:
         queue = current_tracking_queue()

@@ -219,8 +219,16 @@ class ProgressCallback(Callback):
         self._shown_at: float | None = None
         self._live: Any = None  # rich.live.Live while the live display runs
 
-    def __getstate__(self) -> dict:  # Ray saves callbacks with the experiment: no stream, no display, no driver's counts
-        return {**self.__dict__, "stream": None, "_live": None, "_latest": {}, "_ended": {}, "_since": None, "_shown_at": None}
+    @staticmethod
+    def _fresh() -> dict:  # what one driver knows alone: no stream, no display, no counts of its own
+        return {"stream": None, "_live": None, "_latest": {}, "_ended": {}, "_since": None, "_shown_at": None}
+
+    def __getstate__(self) -> dict:  # Ray saves callbacks with the experiment
+        return {**self.__dict__, **self._fresh()}
+
+    def __setstate__(self, state: dict) -> None:  # a sweep saved by an earlier version lacks the newer fields
+        defaults = {"budget": None, "max_total_steps": None, "refresh_s": 2.0, "status_every_s": 30.0, "shown": 3}
+        self.__dict__.update({**defaults, **state, **self._fresh()})
 
     def _write(self, line: str) -> None:
         if self._live is not None:  # above the live display

@@ -177,3 +177,14 @@ def test_a_terminal_gets_a_live_status_under_the_finished_lines(clock, monkeypat
         assert "\x1b[?25h" in end  # the cursor shown again
         assert sys.stdout is stdout  # no longer redirected above the display
     os.close(master)
+
+
+def test_a_callback_saved_by_the_earlier_version_restores_under_its_old_name():
+    # Before the move, a sweep's state named search.callbacks.ProgressCallback and held only these fields.
+    old = ProgressCallback.__new__(ProgressCallback)
+    old.__dict__ = {"total": 4, "stream": None, "done": 1, "started": 0.0}
+    saved = pickle.dumps(old, protocol=0).replace(b"search.progress", b"search.callbacks")  # text opcodes: no lengths
+    assert b"search.progress" not in saved
+    restored = pickle.loads(saved)
+    assert type(restored) is ProgressCallback and restored.total == 4 and restored.refresh_s == 2.0
+    assert restored._latest == {} and restored.budget is None
