@@ -59,11 +59,11 @@ class LocalCluster:
 
     @classmethod
     def from_dict(cls, data: dict) -> LocalCluster:
-        return cls(**{**data, "processes": [Started(**p) for p in data["processes"]]})
+        return cls(**{**data, "processes": [Started.from_dict(p) for p in data["processes"]]})
 
     def running(self) -> list[Started]:
         """The cluster's processes still running."""
-        return [p for p in self.processes if is_running(p.pid, p.start_ticks)]
+        return [p for p in self.processes if is_running(p.pid, p.started)]
 
     def process(self, role: str) -> Started:
         """The process of ``role`` (head, worker-1, ..., mlflow)."""
@@ -121,7 +121,7 @@ class _Watcher:
                     for key in n["Resources"]
                     if key.startswith(ROLE_RESOURCE)
                 }
-            if newest is not None and not is_running(newest.pid, newest.start_ticks):
+            if newest is not None and not is_running(newest.pid, newest.started):
                 raise _NodeExited(newest)
             if time.monotonic() > deadline:
                 raise ValueError(
@@ -160,7 +160,7 @@ def _wait_until(ready, proc: Started, what: str, timeout: float) -> None:
     """Poll ``ready()`` until true; fail in one line when ``proc`` exits or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while not ready():
-        if not is_running(proc.pid, proc.start_ticks):
+        if not is_running(proc.pid, proc.started):
             raise _NodeExited(proc)
         if time.monotonic() > deadline:
             raise ValueError(f"{proc.role} did not {what} in {timeout:.0f} s; see {proc.log}")

@@ -36,7 +36,7 @@ from cluster.capacity import (
     refusal,
 )
 from cluster.connect import last_cluster_note
-from cluster.processes import descendants, start_time
+from cluster.processes import descendants, is_running, start_time
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 slow = pytest.mark.slow
@@ -227,12 +227,12 @@ def autoscaling(tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=60)
         deadline = time.monotonic() + 30
-        while (_group(head.pid) or [p for p, t in tree.items() if t and start_time(p) == t]) and time.monotonic() < deadline:
+        while (_group(head.pid) or [p for p, t in tree.items() if t and is_running(p, t)]) and time.monotonic() < deadline:
             time.sleep(0.5)
         if note.is_file() and note.read_text().strip().endswith(f":{PORT}"):
             note.write_text(previous_note) if previous_note is not None else note.unlink()
         assert _group(head.pid) == [], "processes of the cluster's group survived SIGKILL"
-        assert [p for p, t in tree.items() if t and start_time(p) == t] == []
+        assert [p for p, t in tree.items() if t and is_running(p, t)] == []
         assert not _port_busy(ip)
 
 

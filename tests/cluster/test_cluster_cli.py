@@ -51,10 +51,20 @@ def test_down_and_status_without_a_cluster(capsys, tmp_path):
 
 def test_status_reports_a_gone_process(capsys, tmp_path):
     me = Started("head", os.getpid(), start_time(os.getpid()), ["pytest"], "head.log")
-    gone = Started("worker-1", os.getpid(), start_time(os.getpid()) + 1, ["ray"], "worker-1.log")  # pid reused
+    gone = Started("worker-1", os.getpid(), start_time(os.getpid()) - 60, ["ray"], "worker-1.log")  # pid reused
     cluster = LocalCluster("127.0.0.1:1", None, str(tmp_path), [me, gone], nodes={"head": "ab" * 28})
     (tmp_path / STATE_FILE).write_text(json.dumps(cluster.to_dict()))
     assert main(["cluster", "status", "--state-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "Ray:    127.0.0.1:1" in out and "MLflow: (not started)" in out
     assert [line.split()[3] for line in out.splitlines() if "pid" in line] == ["running", "gone"]
+
+
+def test_status_reads_a_state_file_written_before_psutil(capsys, tmp_path):
+    stat = open(f"/proc/{os.getpid()}/stat").read()  # older versions recorded its field 22, start_ticks
+    me = {"role": "head", "pid": os.getpid(), "start_ticks": int(stat[stat.rindex(")") + 2 :].split()[19]),
+          "command": ["pytest"], "log": "head.log"}  # fmt: skip
+    state = {"ray_address": "127.0.0.1:1", "mlflow_uri": None, "state_dir": str(tmp_path), "processes": [me]}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    assert main(["cluster", "status", "--state-dir", str(tmp_path)]) == 0
+    assert [line.split()[3] for line in capsys.readouterr().out.splitlines() if "pid" in line] == ["running"]

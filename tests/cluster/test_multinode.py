@@ -46,7 +46,7 @@ def cluster(tmp_path_factory):
     assert down.returncode == 0, down.stderr
     stopped = [int(p) for p in down.stdout.split("(pids ")[1].rstrip(")\n").split(", ")]
     assert "head" in {p.role for p in started.processes if p.pid in alive} and alive <= set(stopped)
-    assert not [p.role for p in started.processes if is_running(p.pid, p.start_ticks)]
+    assert not [p.role for p in started.processes if is_running(p.pid, p.started)]
     time.sleep(1)
     assert [pid for pid in stopped if start_time(pid) is not None] == []  # exited (zombies count as gone)
     port = started.ray_address.rsplit(":", 1)[1]

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ time.sleep(300)
 """
 
 
-def _wait_for_children(pid: int, count: int) -> dict[int, int]:
+def _wait_for_children(pid: int, count: int) -> dict[int, float]:
     deadline = time.monotonic() + 30
     while len(found := descendants([pid])) < count:
         assert time.monotonic() < deadline, "the child never started"
@@ -34,9 +35,9 @@ def test_spawn_records_an_identity_that_a_reused_pid_does_not_match(tmp_path):
     proc = spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(300)"], tmp_path / "sleeper.log")
     try:
         assert os.getpgid(proc.pid) == proc.pid  # its own session and group
-        assert is_running(proc.pid, proc.start_ticks)
-        assert not is_running(proc.pid, proc.start_ticks + 1)  # same pid, another start: not ours
-        assert Started(**proc.to_dict()) == proc
+        assert is_running(proc.pid, proc.started)
+        assert not is_running(proc.pid, proc.started + 60)  # same pid, another start: not ours
+        assert Started.from_dict(proc.to_dict()) == proc
     finally:
         assert stop([proc], grace=5) == [proc.pid]
     assert start_time(proc.pid) is None
@@ -57,14 +58,29 @@ def test_stop_leaves_other_processes_alone(tmp_path):
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
         proc = spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(300)"], tmp_path / "s.log")
-        gone = Started("old", proc.pid, proc.start_ticks + 7, [], "")  # a recorded process whose pid was reused
+        gone = Started("old", proc.pid, proc.started - 60, [], "")  # a recorded process whose pid was reused
         assert stop([gone], grace=0) == []
-        assert is_running(proc.pid, proc.start_ticks)  # the pid's new owner was not signalled
+        assert is_running(proc.pid, proc.started)  # the pid's new owner was not signalled
         stop([proc], grace=5)
         assert bystander.poll() is None
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_state_written_before_psutil_still_names_its_process(tmp_path):
+    """cluster.json files of older versions record ``start_ticks`` (``/proc/PID/stat`` field 22)."""
+    proc = spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(300)"], tmp_path / "s.log")
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        old = {"role": "sleeper", "pid": proc.pid, "start_ticks": ticks, "command": proc.command, "log": proc.log}
+        loaded = Started.from_dict(old)
+        assert is_running(loaded.pid, loaded.started) and abs(loaded.started - proc.started) < 0.02
+        earlier = Started.from_dict({**old, "start_ticks": ticks - 60 * os.sysconf("SC_CLK_TCK")})  # a minute off
+        assert not is_running(earlier.pid, earlier.started)
+    finally:
+        stop([proc], grace=5)
 
 
 def test_a_command_that_cannot_start_is_one_clear_error(tmp_path):
