@@ -240,7 +240,8 @@ def up(
             command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                        "--workers", "1", "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
                        "--artifacts-destination", str(state_dir / "mlartifacts")]  # fmt: skip
-            cluster.processes.append(spawn("mlflow", command, logs / "mlflow.log"))
+            # tracking only: MLflow's job workers (eight more processes, for its GenAI jobs) stay off
+            cluster.processes.append(spawn("mlflow", command, logs / "mlflow.log", {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}))
             _write_state(cluster)
         watcher = _Watcher(address)
         try:
