@@ -6,9 +6,12 @@ tracked in the embedded SQLite MLflow store, in a fresh driver process of its ow
 peak memory is its own. Per size it reports:
 
 * per-trial overhead: (2 trial slots x sweep wall time - the trials' training seconds) / trials,
-  the time a trial slot spends on anything but training;
+  the time a trial slot spends on anything but training; "steady" counts from the first trial's
+  start to the last one's end instead (the driver's start-up, loading the model and the
+  decomposition, left out), the figure the 20% goal is judged on;
 * the driver's peak RSS (``ru_maxrss``), and its growth per trial: RSS sampled every 0.5 s, from
-  the moment a tenth of the trials had finished to the end, divided by the trials in between;
+  the moment a tenth of the trials had finished to the end, divided by the trials in between; and
+  the same over the second half of the trials alone;
 * MLflow: the tracking queue's request seconds per trial (sent off Ray Tune's loop);
 * the size of the sweep's state: Ray Tune's snapshot files (experiment state, searcher, tuner)
   and the Optuna study.
@@ -73,6 +76,10 @@ def one_size(trials: int, budget: int, root: Path) -> dict:
     tenth = ends[len(ends) // 10] if ends else samples[0][0]
     after = [rss for stamp, rss in samples if stamp >= tenth] or [samples[-1][1]]
     trials_after = sum(end > tenth for end in ends)
+    half = ends[len(ends) // 2] if ends else samples[0][0]
+    second = [rss for stamp, rss in samples if stamp >= half] or [samples[-1][1]]
+    starts = [float(t.metrics["started_at"]) for t in result.trials if "started_at" in t.metrics]
+    span = (ends[-1] - min(starts)) if ends and starts else result.wall_s
     sweep_dir = root / "sweeps" / spec.name
     state_bytes = sum(p.stat().st_size for p in sweep_dir.iterdir() if p.is_file() and p.name.startswith(STATE_PREFIXES))
     study = sweep_dir / "optuna-study.db"
@@ -82,10 +89,12 @@ def one_size(trials: int, budget: int, root: Path) -> dict:
         "wall_s": result.wall_s,
         "train_s": sum(train),
         "overhead_per_trial_s": (2 * result.wall_s - sum(train)) / len(result.trials),
+        "steady_overhead_per_trial_s": (2 * span - sum(train)) / len(result.trials),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_at_tenth_mb": after[0] / 2**20,
         "rss_end_mb": after[-1] / 2**20,
         "rss_per_trial_kb": (max(after) - after[0]) / 1024 / max(trials_after, 1),
+        "rss_per_trial_second_half_kb": (max(second) - second[0]) / 1024 / max(len(ends) - len(ends) // 2, 1),
         "mlflow_s_per_trial": result.tracking["request_s_per_trial"] if result.tracking else None,
         "mlflow_requests_per_trial": result.tracking["requests"] / len(result.trials) if result.tracking else None,
         "state_kb": state_bytes / 1024,
@@ -105,13 +114,15 @@ def report(data: list[dict], args: argparse.Namespace, loads: tuple[float, float
     import torch
 
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    columns = ["trials", "wall s", "overhead / trial s", "peak RSS MB", "RSS / trial KB", "MLflow s / trial",
+    columns = ["trials", "wall s", "overhead / trial s", "steady overhead / trial s", "peak RSS MB", "RSS / trial KB",
+               "RSS / trial, 2nd half KB", "MLflow s / trial",
                "MLflow requests / trial", "Ray state KB", "study KB"]  # fmt: skip
-    rows = [[d["trials"], f"{d['wall_s']:.0f}", f"{d['overhead_per_trial_s']:.2f}", f"{d['peak_rss_mb']:.0f}",
-             f"{d['rss_per_trial_kb']:.1f}", f"{d['mlflow_s_per_trial']:.4f}", f"{d['mlflow_requests_per_trial']:.1f}",
+    rows = [[d["trials"], f"{d['wall_s']:.0f}", f"{d['overhead_per_trial_s']:.2f}", f"{d['steady_overhead_per_trial_s']:.2f}",
+             f"{d['peak_rss_mb']:.0f}", f"{d['rss_per_trial_kb']:.1f}", f"{d['rss_per_trial_second_half_kb']:.1f}",
+             f"{d['mlflow_s_per_trial']:.4f}", f"{d['mlflow_requests_per_trial']:.1f}",
              f"{d['state_kb']:.0f}", f"{d['study_kb']:.0f}"] for d in data]  # fmt: skip
     small, large = data[0], data[-1]
-    ratio = large["overhead_per_trial_s"] / small["overhead_per_trial_s"]
+    ratio = large["steady_overhead_per_trial_s"] / small["steady_overhead_per_trial_s"]
     lines = [
         f"## sweep_scale: {now} | torch {torch.__version__} | ray {ray.__version__} | {os.cpu_count()} cores",
         "",
@@ -121,7 +132,7 @@ def report(data: list[dict], args: argparse.Namespace, loads: tuple[float, float
         "",
         md_table(columns, rows),
         "",
-        f"{large['trials']} vs {small['trials']} trials: overhead per trial x{ratio:.2f} "
+        f"{large['trials']} vs {small['trials']} trials: steady overhead per trial x{ratio:.2f} "
         f"({'flat, within 20%' if abs(ratio - 1) <= 0.2 else 'NOT within 20%'}); RSS per trial "
         f"{small['rss_per_trial_kb']:.1f} -> {large['rss_per_trial_kb']:.1f} KB; peak RSS at {large['trials']}: "
         f"{large['peak_rss_mb']:.0f} MB ({'under' if large['peak_rss_mb'] < 2048 else 'OVER'} 2 GB)",
