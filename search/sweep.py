@@ -356,8 +356,6 @@ def run_sweep(
     previous = parent.client.get_run(parent.run_id).data.tags.get("craft.decompositions")
     decompositions = stats["decompositions"] + (int(previous) if resume and previous else 0)
     parent.set_tags({"craft.decompositions": decompositions, "craft.factor_disk_loads": stats["disk_loads"]})
-    pending = store.read_json(PENDING_FILE) if resume and store.exists(PENDING_FILE) else None  # an outage's writes
-    queue = TrackingQueue(uri, experiment, parent.run_id, pending=pending)
     scratch_key = f"{spec.name}-{parent.run_id[:8]}"  # the same after a resume: its leftovers are cleared too
     study_url = _study_url(spec, store, storage, resume)
 
@@ -405,6 +403,8 @@ def run_sweep(
                 ),
             )
         copied = None  # the study's hash as last copied to object storage
+        pending = store.read_json(PENDING_FILE) if resume and store.exists(PENDING_FILE) else None  # an outage's writes
+        queue = TrackingQueue(uri, experiment, parent.run_id, pending=pending)
         try:
             with _tune_environment(spec), tracking_queue(queue):
                 results = tuner.fit()

@@ -114,7 +114,7 @@ class TrackingQueue:
         """Wait until every write is sent, or the server has not answered for ``wait_s`` seconds
         in a row; stop the thread. Returns the writes not sent (empty when all went through)."""
         with self._cond:
-            while self._writes or self._busy:
+            while (self._writes or self._busy) and self._thread.is_alive():
                 down = self._down_since
                 if down is not None and time.monotonic() - down >= wait_s:
                     break
