@@ -95,11 +95,15 @@ def one_size(trials: int, budget: int, root: Path) -> dict:
         "rss_end_mb": after[-1] / 2**20,
         "rss_per_trial_kb": (max(after) - after[0]) / 1024 / max(trials_after, 1),
         "rss_per_trial_second_half_kb": (max(second) - second[0]) / 1024 / max(len(ends) - len(ends) // 2, 1),
-        "mlflow_s_per_trial": result.tracking["request_s_per_trial"] if result.tracking else None,
-        "mlflow_requests_per_trial": result.tracking["requests"] / len(result.trials) if result.tracking else None,
+        "mlflow_s_per_trial": result.tracking["request_s_per_trial"] if getattr(result, "tracking", None) else None,
+        "mlflow_requests_per_trial": result.tracking["requests"] / len(result.trials) if getattr(result, "tracking", None) else None,
         "state_kb": state_bytes / 1024,
         "study_kb": study.stat().st_size / 1024 if study.exists() else 0.0,
     }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def md_table(columns: list[str], rows: list[list]) -> str:
@@ -119,7 +123,7 @@ def report(data: list[dict], args: argparse.Namespace, loads: tuple[float, float
                "MLflow requests / trial", "Ray state KB", "study KB"]  # fmt: skip
     rows = [[d["trials"], f"{d['wall_s']:.0f}", f"{d['overhead_per_trial_s']:.2f}", f"{d['steady_overhead_per_trial_s']:.2f}",
              f"{d['peak_rss_mb']:.0f}", f"{d['rss_per_trial_kb']:.1f}", f"{d['rss_per_trial_second_half_kb']:.1f}",
-             f"{d['mlflow_s_per_trial']:.4f}", f"{d['mlflow_requests_per_trial']:.1f}",
+             _fmt(d["mlflow_s_per_trial"], ".4f"), _fmt(d["mlflow_requests_per_trial"], ".1f"),
              f"{d['state_kb']:.0f}", f"{d['study_kb']:.0f}"] for d in data]  # fmt: skip
     small, large = data[0], data[-1]
     ratio = large["steady_overhead_per_trial_s"] / small["steady_overhead_per_trial_s"]

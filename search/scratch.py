@@ -38,7 +38,17 @@ def clear_scratch_everywhere(key: str, timeout: float = 60.0) -> dict[str, bool]
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    remote = ray.remote(num_cpus=0, max_retries=0)(clear_scratch)
+    def clear(key: str) -> bool:  # clear_scratch, standing alone: Ray sends a local function by value, so the
+        import os  # node's fresh worker imports the standard library only, not this package (torch, transformers:
+        import shutil  # seconds per node, at the end of every sweep)
+        import tempfile
+
+        path = os.path.join(tempfile.gettempdir(), "craft-search", key)
+        existed = os.path.exists(path)
+        shutil.rmtree(path, ignore_errors=True)
+        return existed
+
+    remote = ray.remote(num_cpus=0, max_retries=0)(clear)
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     refs = {node: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(key) for node in nodes}
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)

@@ -28,9 +28,6 @@ def _probe(config):  # never runs: a Trial needs a registered trainable to be bu
     return None
 
 
-tune.register_trainable(TRAINABLE, _probe)
-
-
 class _Clock:
     def __init__(self):
         self.now = 1000.0
@@ -47,6 +44,7 @@ def clock(monkeypatch):
 
 
 def _trial(trial_id: str, status: str = "RUNNING", rank: int = 8) -> Trial:
+    tune.register_trainable(TRAINABLE, _probe)  # each time: a Ray started and shut down by another test module clears the registry
     trial = Trial(TRAINABLE, trial_id=trial_id, config={"method": "lora", "lora.r": rank})
     trial.set_status(status)
     return trial
