@@ -140,9 +140,12 @@ class RunTracker:
             self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Set tags (values as strings)."""
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        """Set tags (values as strings) in one batch per 100 (MLflow's cap)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[start : start + 100])
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         """Upload a directory's files under ``artifact_path``."""
