@@ -33,6 +33,7 @@ from cluster.connect import connect_ray
 from craft.hub import load_model
 from craft.tasks import load_task
 
+from .envvars import environment
 from .layout import DEFAULT_STORAGE, STUDY_FILE, SUMMARY_FILE, SWEEP_FILE
 from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, SCORE, STEP, TRIAL_ID_TAG
 from .plan import describe_methods
@@ -149,16 +150,8 @@ def _tune_environment(spec: SweepSpec):
         # Every trial checkpoint forces a snapshot of the sweep state (what --resume needs): expected, not a warning.
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     }
-    before = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    try:
+    with environment(settings):
         yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _load_checked(spec: SweepSpec):

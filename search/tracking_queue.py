@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from .envvars import environment
 from .names import TRIAL_ID_TAG
 
 __all__ = ["PENDING_FILE", "TrackingUnavailable", "TrackingQueue", "tracking_queue", "current_tracking_queue", "mlflow_http_settings"]
@@ -272,13 +273,6 @@ def current_tracking_queue() -> TrackingQueue | None:
 def mlflow_http_settings(timeout_s: int = 20) -> Iterator[None]:
     """MLflow's HTTP client without its own long retries (up to minutes of pauses) while the
     queue retries: one try per write, ``timeout_s`` at most; a user's own settings are kept."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
-    before = {key: os.environ.get(key) for key in settings}
-    for key, value in settings.items():
-        os.environ.setdefault(key, value)
-    try:
+    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    with environment({key: os.environ.get(key, value) for key, value in defaults.items()}):
         yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
