@@ -147,7 +147,7 @@ def _tune_environment(spec: SweepSpec):
         # unless the user sets one; a resumed sweep reruns what the last snapshot missed, from the trials' checkpoints.
         "TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "auto"),
         "RAY_AIR_NEW_OUTPUT": os.environ.get("RAY_AIR_NEW_OUTPUT", "0"),  # with verbose=0: no Ray tables, our lines
-        # Every trial checkpoint forces a snapshot of the sweep state (what --resume needs): expected, not a warning.
+        # A snapshot that takes a while (a large sweep, object storage) is what --resume needs: expected, not a warning.
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     }
     with environment(settings):
