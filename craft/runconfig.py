@@ -16,6 +16,7 @@ values) and the export format of a sweep's winners. Keys are spelled like the fi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "apply_overrides",
     "check_keys",
     "read_yaml_mapping",
+    "parse_yaml",
 ]
 
 METHODS = ("craft", "lora", "pissa", "vera", "head")
@@ -243,6 +245,24 @@ class RunConfig:
         return cls(**data)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as people write them: YAML 1.1 (PyYAML's) takes a
+    float only with a dot (``3.0e-4``), so ``lr: 3e-4`` was the string ``'3e-4'``; YAML 1.2 and
+    every other reader of these files take it as the number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` as YAML, with ``3e-4`` a number (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set ``dotted.key=value`` pairs (values parsed as YAML) on nested plain data."""
     data = dict(data)
@@ -250,7 +270,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=3e-4)")
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw)
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -272,7 +292,7 @@ def read_yaml_mapping(path: str | Path, missing_hint: str) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"no file at {path}; {missing_hint}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
