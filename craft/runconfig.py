@@ -221,7 +221,7 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         """The config as YAML that :func:`load_run_config` reads back unchanged."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: Any) -> RunConfig:
@@ -251,11 +251,17 @@ class _Loader(yaml.SafeLoader):
     every other reader of these files take it as the number."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes a string :class:`_Loader` would read as a number (a trial
+    or run id such as ``12e45678``), so what is written reads back unchanged."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
 
 
 def parse_yaml(text: str) -> Any:

@@ -55,3 +55,14 @@ def test_a_sweep_spec_takes_bounds_and_set_values_in_e_notation(tmp_path):
     domain = spec.domains["train.lr"]
     assert (domain.low, domain.high, domain.log) == (0.0001, 0.01, True)
     assert spec.base["train"]["head_lr"] == 0.002
+
+
+def test_an_id_that_looks_like_a_number_is_written_quoted_and_reads_back_a_string(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(RUN.format(lr="3e-4", head="1e-3"))
+    run = load_run_config(path, ["provenance.trial_id='12e45678'", "provenance.sweep='1e3'"])
+    assert run.provenance == {"trial_id": "12e45678", "sweep": "1e3"}
+    text = run.to_yaml()
+    assert "trial_id: '12e45678'" in text and "lr: 0.0003" in text
+    (tmp_path / "again.yaml").write_text(text)
+    assert load_run_config(tmp_path / "again.yaml") == run
