@@ -8,29 +8,17 @@ from pathlib import Path
 
 import pytest
 import tomllib
-import yaml
+from cluster_files import CLUSTER, load_config, load_manifest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
-CLUSTER = ROOT / "cluster"
 PYPROJECT_TOML = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PYPROJECT = PYPROJECT_TOML["project"]
 PACKAGES = PYPROJECT_TOML["tool"]["setuptools"]["packages"]  # what the image's pip install needs
 RAY_REQUIREMENT = next(Requirement(d) for d in PYPROJECT["dependencies"] if Requirement(d).name == "ray")
 PYTHON = PYPROJECT["requires-python"]
 IMAGE_TAG = re.compile(r"(?:rayproject/ray|craft-search):(?:[\w.]+-)?(?:ray)?(\d+\.\d+\.\d+)-py(\d)(\d+)")
-
-
-def _load(name: str) -> dict:
-    return yaml.safe_load((CLUSTER / name).read_text())
-
-
-def _manifest(name: str) -> tuple[dict, list[dict]]:
-    """A KubeRay manifest's Ray resource (RayCluster or RayJob) and the NetworkPolicies beside it."""
-    docs = [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d]
-    [ray] = [d for d in docs if d["kind"] in ("RayCluster", "RayJob")]
-    return ray, [d for d in docs if d["kind"] == "NetworkPolicy"]
 
 
 def _images(node) -> list[str]:
@@ -64,7 +52,7 @@ def _check_versions(images: list[str], pins: list[str] = ()) -> Version:
 
 @pytest.mark.parametrize("name, provider", [("aws.yaml", "aws"), ("gcp.yaml", "gcp")])
 def test_launcher_configs(name, provider):
-    config = _load(name)
+    config = load_config(name)
     for key in ("cluster_name", "max_workers", "provider", "auth", "available_node_types", "head_node_type",
                 "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):  # fmt: skip
         assert key in config, f"{name} lacks {key}"
@@ -108,13 +96,13 @@ def _check_ray_cluster_spec(spec: dict) -> None:
 
 
 def test_kuberay_raycluster():
-    manifest, _ = _manifest("kuberay/raycluster.yaml")
+    manifest, _ = load_manifest("kuberay/raycluster.yaml")
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayCluster" and manifest["metadata"]["name"]
     _check_ray_cluster_spec(manifest["spec"])
 
 
 def test_kuberay_rayjob():
-    manifest, _ = _manifest("kuberay/rayjob.yaml")
+    manifest, _ = load_manifest("kuberay/rayjob.yaml")
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     spec = manifest["spec"]
     assert spec["entrypoint"].startswith("craft-search sweep ") and "--storage /mnt/shared/" in spec["entrypoint"]
@@ -128,7 +116,7 @@ def test_the_dockerfile_pins_what_the_manifests_name():
     base = re.search(r"^FROM (\S+)", text, re.M).group(1)
     pins = re.findall(r"ray\[[\w,]+\]==([\d.]+)", text)
     ray = _check_versions([base], pins)
-    assert Version(_manifest("kuberay/raycluster.yaml")[0]["spec"]["rayVersion"]) == ray
+    assert Version(load_manifest("kuberay/raycluster.yaml")[0]["spec"]["rayVersion"]) == ray
 
 
 def test_a_ray_outside_pyproject_is_caught():

@@ -8,26 +8,13 @@ from __future__ import annotations
 import copy
 import json
 import re
-from pathlib import Path
 
 import pytest
 import tomllib
-import yaml
+from cluster_files import CLUSTER, load_config, load_manifest
 
-CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 ROOT = CLUSTER.parent
 PACKAGES = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]  # what the image installs
-
-
-def _load(name: str) -> dict:
-    return yaml.safe_load((CLUSTER / name).read_text())
-
-
-def _manifest(name: str) -> tuple[dict, list[dict]]:
-    """A KubeRay manifest's Ray resource (RayCluster or RayJob) and the NetworkPolicies beside it."""
-    docs = [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d]
-    [ray] = [d for d in docs if d["kind"] in ("RayCluster", "RayJob")]
-    return ray, [d for d in docs if d["kind"] == "NetworkPolicy"]
 
 
 MANIFESTS = ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"]
@@ -122,7 +109,7 @@ def _check_exposure(ray: dict, policies: list[dict]) -> None:
 
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_kuberay_runs_with_token_auth_from_a_secret(name):
-    ray, _ = _manifest(name)
+    ray, _ = load_manifest(name)
     secret = _check_token_auth(ray)
     text = (CLUSTER / name).read_text()
     assert f"kubectl create secret generic {secret} --from-literal=auth_token=" in text, "say how to create the Secret"
@@ -131,7 +118,7 @@ def test_kuberay_runs_with_token_auth_from_a_secret(name):
 
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_kuberay_pods_are_closed_by_a_network_policy(name):
-    ray, policies = _manifest(name)
+    ray, policies = load_manifest(name)
     _check_network_policy(ray, policies)
     _check_exposure(ray, policies)
     if ray["kind"] == "RayJob":  # the submitter must get through to the dashboard
@@ -220,7 +207,7 @@ def _check_launcher_secrets(config: dict) -> None:
 
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_launcher_secrets_stay_on_the_head_and_off_command_lines(name):
-    _check_launcher_secrets(_load(name))
+    _check_launcher_secrets(load_config(name))
     text = (CLUSTER / name).read_text()
     rsync = re.search(rf"ray rsync-up cluster/{name} ~/\.craft-search/mlflow\.env (\S+)(.*)", text)
     assert rsync and "--all-nodes" not in rsync.group(2), "say how mlflow.env reaches the head, and the head only"
@@ -266,7 +253,7 @@ def _open_policy(policies, rule):
 )  # fmt: skip
 def test_each_kuberay_check_catches_its_weakening(check, match):
     with pytest.raises(AssertionError, match=match):
-        check(*_manifest("kuberay/rayjob.yaml"))
+        check(*load_manifest("kuberay/rayjob.yaml"))
 
 
 def test_each_image_and_launcher_check_catches_its_weakening():
@@ -277,7 +264,7 @@ def test_each_image_and_launcher_check_catches_its_weakening():
         _check_dockerignore(text.replace("**/mlflow.env", "mlflow.env").replace("**/*.env", "*.env"))
     with pytest.raises(AssertionError, match="pip install needs"):
         _check_dockerignore(text + "\nsearch\n")
-    config = _load("aws.yaml")
+    config = load_config("aws.yaml")
     with pytest.raises(AssertionError, match="mlflow.env goes to the head only"):
         _check_launcher_secrets({**config, "file_mounts": {**config["file_mounts"], "/home/ray/mlflow.env": "~/mlflow.env"}})
     argv = 'set -a && . ~/mlflow.env && mlflow server --host 127.0.0.1 --backend-store-uri "$MLFLOW_BACKEND_STORE_URI"'
