@@ -22,20 +22,20 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from .layout import STUDY_FILE
 from .names import (
     CONFIG_TAG,
-    FINAL_SCORE,
     GPU_IDS,
     NODE_ID,
     OUTCOME_TAG,
     PRUNED_TAG,
     STEP,
 )
+from .outcomes import error_line, trial_outcome
 from .searcher import current_study_url
 from .spec import SweepSpec
 from .storage import SweepStore
 from .tracking import flatten
 from .tracking_queue import TrackingQueue, current_tracking_queue
 
-__all__ = ["MlflowSweepCallback", "StudyMirrorCallback", "mirror_study", "trial_outcome", "error_line"]
+__all__ = ["MlflowSweepCallback", "StudyMirrorCallback", "mirror_study"]
 
 
 def __getattr__(name: str) -> Any:  # sweeps saved before ProgressCallback moved name it here
@@ -45,30 +45,9 @@ def __getattr__(name: str) -> Any:  # sweeps saved before ProgressCallback moved
         return ProgressCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint", NODE_ID, GPU_IDS, "device",
                                  "started_at", "finished_at"}  # fmt: skip
-
-
-def trial_outcome(trial: Any, ended: bool = False) -> str:
-    """complete (ran its full budget), pruned (stopped early), failed, or running.
-
-    ``ended``: the trial is known to have ended without error (Ray may not have set its status yet).
-    """
-    if trial.status == "ERROR":
-        return "failed"
-    if trial.status != "TERMINATED" and not ended:
-        return "running"
-    return "complete" if FINAL_SCORE in (trial.last_result or {}) else "pruned"
-
-
-def error_line(trial: Any) -> str:
-    """The last line of a failed trial's error (the exception), or an empty string."""
-    path = getattr(trial, "error_file", None) or ""
-    try:
-        lines = [line for line in open(path).read().strip().splitlines() if line.strip()] if path else []
-    except OSError:
-        lines = []
-    return lines[-1].strip()[:300] if lines else ""
 
 
 class MlflowSweepCallback(Callback):
@@ -117,7 +96,11 @@ class MlflowSweepCallback(Callback):
         tags = {}
         node = result.get(NODE_ID)
         if node and self._nodes.get(trial.trial_id) != node:  # the device assignment too: it changes with the node
-            tags = {"craft.node_id": node, "craft.gpu_ids": str(result.get(GPU_IDS, "")), "craft.device": str(result.get("device", ""))}
+            tags = {
+                "craft.node_id": node,
+                "craft.gpu_ids": str(result.get(GPU_IDS, "")),
+                "craft.device": str(result.get("device", "")),
+            }
             self._nodes[trial.trial_id] = node
         queue.log(trial.trial_id, metrics, step=int(result.get(STEP, 0)), tags=tags)
 

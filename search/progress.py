@@ -27,8 +27,8 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from .callbacks import error_line, trial_outcome
 from .names import ADAPTER_PARAMETERS, FINAL_SCORE, SCORE, STEP
+from .outcomes import error_line, trial_outcome
 from .space import describe_config
 
 __all__ = ["ProgressCallback", "RunningTrial", "SweepStatus", "sweep_status", "status_line"]
