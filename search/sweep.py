@@ -40,7 +40,7 @@ from .plan import describe_methods
 from .spec import SweepSpec, check_against_model, spec_changes, spec_from_dict
 from .storage import SweepStore, resolve_storage
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
-from .tracking_queue import PARENT, PENDING_FILE, TrackingQueue, TrackingUnavailable, tracking_queue
+from .tracking_queue import PARENT, PENDING_FILE, TrackingQueue, TrackingUnavailable, keep_pending, tracking_queue
 
 __all__ = [
     "TrialSummary",
@@ -222,20 +222,6 @@ def _summaries(results: Any, store: SweepStore) -> list[TrialSummary]:
     return trials
 
 
-def _keep_pending(left: list[dict], store: SweepStore) -> None:
-    """Keep the MLflow writes the server did not take in the sweep's storage for ``--resume``
-    (or remove those an earlier driver kept, now sent)."""
-    if left:
-        store.write_json(PENDING_FILE, left)
-    elif store.exists(PENDING_FILE):
-        store.remove(PENDING_FILE)
-
-
-def _tracking_stats(stats: dict[str, Any], trials: int) -> dict[str, Any]:
-    per_trial = stats["request_s"] / max(trials, 1)
-    return {**stats, "request_s": round(stats["request_s"], 3), "request_s_per_trial": round(per_trial, 4)}
-
-
 def _drop_orphans(parent: RunTracker, experiment: str, trial_ids: set[str], page_size: int = 1000) -> int:
     """Delete child runs of trials the restored experiment does not know (sampled after its last
     save), reading every page of the parent's children."""
@@ -408,7 +394,7 @@ def run_sweep(
             if store.local_path is None:
                 copied = mirror_study(study_url, store)
             if sys.exc_info()[0] is not None:  # interrupted: what the server has not taken waits for --resume
-                _keep_pending(queue.close(min(spec.search.tracking_wait_s, 10.0)), store)
+                keep_pending(queue.close(min(spec.search.tracking_wait_s, 10.0)), store)
     trials = _summaries(results, store)
     result = SweepResult(
         name=spec.name,
@@ -436,9 +422,9 @@ def run_sweep(
     queue.log(PARENT, {"best_final_score": best[0].score, "best_adapter_parameters": best[0].adapter_parameters or 0}
               if best else {}, tags=counts)  # fmt: skip
     left = queue.close(spec.search.tracking_wait_s)
-    result.tracking = _tracking_stats(queue.stats, len(trials))
+    result.tracking = queue.summary(len(trials))
     store.write_json(SUMMARY_FILE, result.to_dict())
-    _keep_pending(left, store)
+    keep_pending(left, store)
     if left:
         raise TrackingUnavailable(
             f"MLflow at {uri} has not answered for {spec.search.tracking_wait_s:.0f} s: the sweep's {len(trials)} trials are "

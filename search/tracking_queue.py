@@ -23,12 +23,23 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .envvars import environment
 from .names import TRIAL_ID_TAG
 
-__all__ = ["PENDING_FILE", "TrackingUnavailable", "TrackingQueue", "tracking_queue", "current_tracking_queue", "mlflow_http_settings"]
+if TYPE_CHECKING:
+    from .storage import SweepStore
+
+__all__ = [
+    "PENDING_FILE",
+    "TrackingUnavailable",
+    "TrackingQueue",
+    "tracking_queue",
+    "current_tracking_queue",
+    "keep_pending",
+    "mlflow_http_settings",
+]
 
 PENDING_FILE = "mlflow-pending.json"  # in STORAGE/NAME: the writes a sweep could not send
 PARENT = "parent"  # the key of the sweep's parent run
@@ -128,6 +139,11 @@ class TrackingQueue:
             self._http = None
         with self._cond:
             return list(self._writes)
+
+    def summary(self, trials: int) -> dict[str, Any]:
+        """What the writes cost: :attr:`stats` and the request seconds per trial of ``trials``."""
+        per_trial = self.stats["request_s"] / max(trials, 1)
+        return {**self.stats, "request_s": round(self.stats["request_s"], 3), "request_s_per_trial": round(per_trial, 4)}
 
     # -- the thread -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -248,6 +264,15 @@ class TrackingQueue:
         for start in range(0, len(params), _MAX_PARAMS):
             self._call("log_batch", run_id, params=params[start : start + _MAX_PARAMS])
         self._runs[key] = run_id
+
+
+def keep_pending(left: list[dict], store: SweepStore) -> None:
+    """Keep the writes the server did not take (``left``) in the sweep's storage for ``--resume``,
+    or remove those an earlier driver kept once all are sent (``left`` empty)."""
+    if left:
+        store.write_json(PENDING_FILE, left)
+    elif store.exists(PENDING_FILE):
+        store.remove(PENDING_FILE)
 
 
 _CURRENT: list[TrackingQueue] = []
