@@ -2,8 +2,8 @@
 
 Every variant fine-tunes the packaged pre-trained MiniLM (BERT, 6 layers, 384 wide) on the
 packaged tweets-sentiment corpus (3 classes) through the project's own path: a
-:class:`~craft.runconfig.RunConfig` built from ``spaces/train-demo.yaml`` with dotted overrides,
-trained by :func:`craft.job.run_job`. Only the method, its block and the adapter learning rate
+:class:`~craft.harness.runconfig.RunConfig` built from ``spaces/train-demo.yaml`` with dotted overrides,
+trained by :func:`craft.harness.job.run_job`. Only the method, its block and the adapter learning rate
 differ between variants; the data, the budget, the seed and the head learning rate are the same
 for all:
 
@@ -22,7 +22,7 @@ Variants (adapter learning rates from common practice for each method, not tuned
 * ``head``: the classification head alone.
 
 The head (head_lr 5e-3) trains in every variant and is counted apart; adapter parameters are
-``JobResult.adapter_parameters`` as counted by :mod:`craft.methods`. Wall time is that of the
+``JobResult.adapter_parameters`` as counted by :mod:`craft.harness.methods`. Wall time is that of the
 whole ``run_job`` call (model load, adapter build, training, the final validation pass, the test
 pass, saving); the packaged corpus and tokenizer are loaded once beforehand, so the first
 variant does not pay for that.
@@ -49,11 +49,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is offline: never reach
 import torch
 from common import device_name, emit, log  # benchmarks/common.py, beside this script
 
-from craft.hub import load_tokenizer
-from craft.job import JobResult, run_job
-from craft.runconfig import RunConfig, load_run_config
-from craft.tasks import load_task
-from craft.trainer import resolve_device, total_steps
+from craft.harness.hub import load_tokenizer
+from craft.harness.job import JobResult, run_job
+from craft.harness.runconfig import RunConfig, load_run_config
+from craft.harness.tasks import load_task
+from craft.harness.trainer import resolve_device, total_steps
 
 CONFIG = Path(__file__).resolve().parent.parent / "spaces" / "train-demo.yaml"
 HEAD_LR = 5e-3
@@ -168,7 +168,7 @@ def header(args: argparse.Namespace, run: RunConfig, sizes: dict[str, int], step
             f"AdamW, warm-up {t.warmup_ratio:g} then linear decay, grad clip {t.max_grad_norm}, "
             "one evaluation at the end, tracking off",
             f"- head lr {HEAD_LR:g} for every variant; adapter lr (common practice per method, not tuned): {lrs}",
-            "- adapter params: trainable parameters outside the head (craft.methods); head params counted apart",
+            "- adapter params: trainable parameters outside the head (craft.harness.methods); head params counted apart",
             "- wall time: the whole run_job call (model load, adapter build, training, validation and test passes, save)",
         ]
     )

@@ -44,8 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ray
 from common import emit, log  # benchmarks/common.py, beside this script
 
-from craft.hub import load_model
-from craft.tasks import load_task, tweets_csv_path
+from craft.harness.hub import load_model
+from craft.harness.tasks import load_task, tweets_csv_path
 from search.names import ADAPTER_PARAMETERS, FINAL_SCORE, REPORTED_AT, SCORE, STEP
 from search.pareto import ParetoTrial, hypervolume
 from search.spec import check_against_model, spec_from_dict

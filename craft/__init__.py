@@ -3,19 +3,22 @@
 Stacks a model's attention projections across layers into (layers, out, in) tensors, takes
 their HOSVD, freezes every factor and trains one small square matrix per mode and projection
 type. Usable on its own, like peft: nothing here imports ray, mlflow or the search.
+
+This folder is the method: ``tucker`` (HOSVD), ``targets`` (which projections, stacked),
+``config``, ``adapter`` (the shared J matrices of one stack), ``layer`` (one wrapped projection),
+``factors`` (HOSVD factors computed once, cached), ``model`` (inject, save, load, merge),
+``budget`` (closed-form parameter counts) and ``inspection`` (spectra and costs of ranks).
+The training harness (tasks, data, run configs, trainer, baselines, jobs) is :mod:`craft.harness`;
+its public names are also reachable from here (``craft.run_job``) and load on first use.
 """
+
+import importlib
 
 from .adapter import CraftAdapter
 from .config import CONFIG_NAME, CraftConfig
-from .data import make_loader, tokenize_task
 from .factors import Factors, check_ranks, compute_factors
-from .hub import DEMO_MODEL, load_model, load_tokenizer
-from .job import JobResult, run_job
 from .layer import MERGED_MEMORY_LIMIT, AdapterPart, CraftLinear, choose_compute, compute_dtype
-from .methods import AdaptedModel, apply_method, merged_model, parameter_groups, save_adapter
-from .metrics import compute_metrics
 from .model import ADAPTER_NAME, CraftModel, adapter_dtype, find_heads, get_craft_model
-from .runconfig import METHODS, RunConfig, load_run_config
 from .targets import (
     DEFAULT_TARGETS,
     SAME_WEIGHTS_RTOL,
@@ -26,12 +29,9 @@ from .targets import (
     weights_fingerprint,
     weights_sketch,
 )
-from .tasks import GLUE_TASKS, Task, TaskSpec, load_task
-from .trainer import EvalEvent, TrainResult, evaluate, train
 from .tucker import Tucker, energy_kept, hosvd, reconstruct, truncate
 
-__all__ = [
-    "ADAPTER_NAME",
+_HARNESS = (
     "DEMO_MODEL",
     "GLUE_TASKS",
     "METHODS",
@@ -45,7 +45,6 @@ __all__ = [
     "apply_method",
     "compute_metrics",
     "evaluate",
-    "find_heads",
     "load_model",
     "load_run_config",
     "load_task",
@@ -57,6 +56,18 @@ __all__ = [
     "save_adapter",
     "tokenize_task",
     "train",
+)
+
+
+def __getattr__(name: str):
+    """The harness's public names, imported from :mod:`craft.harness` on first use."""
+    if name in _HARNESS:
+        return getattr(importlib.import_module(".harness", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "ADAPTER_NAME",
     "CONFIG_NAME",
     "AdapterPart",
     "CraftAdapter",
@@ -71,6 +82,7 @@ __all__ = [
     "choose_compute",
     "compute_factors",
     "energy_kept",
+    "find_heads",
     "find_targets",
     "get_craft_model",
     "hosvd",
@@ -84,4 +96,5 @@ __all__ = [
     "MERGED_MEMORY_LIMIT",
     "adapter_dtype",
     "compute_dtype",
+    *_HARNESS,
 ]

@@ -1,7 +1,7 @@
 """Adapter parameter counts from a method's settings and a model's shapes, without building it.
 
 A search prices a configuration before sampling its last rank (the parameter budget bounds it),
-so the counts are closed forms. Each matches what :func:`craft.methods.apply_method` trains
+so the counts are closed forms. Each matches what :func:`craft.harness.methods.apply_method` trains
 outside the head (checked in the tests):
 
 - CRAFT: ``n_types * (rank_layers^2 + rank_out^2 + rank_in^2)``

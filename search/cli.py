@@ -149,7 +149,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from craft.runconfig import load_run_config
+    from craft.harness.runconfig import load_run_config
     from spaces import DEMO_TRAIN, preset_path
 
     from .runner import train_tracked
@@ -368,7 +368,7 @@ def format_cluster(cluster) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from craft.hub import DEMO_MODEL, load_model, resolve_model
+    from craft.harness.hub import DEMO_MODEL, load_model, resolve_model
     from craft.inspection import format_report, inspect_model
 
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from craft.runconfig import RunConfig
+from craft.harness.runconfig import RunConfig
 
 from .pareto import ParetoTrial, SweepTable, pareto_front
 from .spec import spec_from_dict

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from craft.metrics import CLASSIFICATION_METRICS, METRIC_NAMES
+from craft.harness.metrics import CLASSIFICATION_METRICS, METRIC_NAMES
 
 from .layout import DEFAULT_STORAGE, SUMMARY_FILE, SWEEP_FILE
 from .names import ADAPTER_PARAMETERS, CONFIG_TAG, FINAL_SCORE, OUTCOME_TAG, SCORE, STEP, TRAIN_SECONDS, TRIAL_ID_TAG

@@ -1,8 +1,8 @@
 """Production training, data-parallel on Ray Train: ``craft-search train CONFIG --workers N``.
 
 A TorchTrainer starts N workers (gloo on CPUs, nccl on GPUs); each runs
-:func:`craft.job.run_job` with the same config and seed, takes its slice of every global batch,
-and DistributedDataParallel averages the gradients (:mod:`craft.distributed`), so N workers
+:func:`craft.harness.job.run_job` with the same config and seed, takes its slice of every global batch,
+and DistributedDataParallel averages the gradients (:mod:`craft.harness.distributed`), so N workers
 train what one would, N times wider. Every input check happens in the driver before an MLflow
 run exists; rank 0 logs every evaluation into that run, writes ``output_dir`` (adapter, merged
 model, metrics) on its node and reports the job's summary to Ray Train, where the driver reads it;
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from craft.job import prepare_job
-from craft.runconfig import RunConfig
+from craft.harness.job import prepare_job
+from craft.harness.runconfig import RunConfig
 
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
@@ -46,7 +46,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from craft.job import run_job
+    from craft.harness.job import run_job
 
     from .runner import event_metrics, log_job
 

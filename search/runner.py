@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from craft.job import JobResult, prepare_job, run_job
-from craft.runconfig import RunConfig
-from craft.trainer import EvalEvent
+from craft.harness.job import JobResult, prepare_job, run_job
+from craft.harness.runconfig import RunConfig
+from craft.harness.trainer import EvalEvent
 
 from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
 
@@ -62,7 +62,7 @@ def open_tracker(run: RunConfig, resume: bool) -> RunTracker:
 
 
 def train_tracked(run: RunConfig, *, resume: bool = False, progress: bool | None = None) -> TrackedJob:
-    """Run :func:`craft.job.run_job` and track it in MLflow (unless ``run.tracking.enabled`` is off).
+    """Run :func:`craft.harness.job.run_job` and track it in MLflow (unless ``run.tracking.enabled`` is off).
 
     Raises:
         ValueError: bad input or an unreachable tracking server, before any training.

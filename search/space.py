@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from craft.budget import craft_parameters
-from craft.runconfig import METHODS
+from craft.harness.runconfig import METHODS
 
 __all__ = [
     "describe_config",

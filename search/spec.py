@@ -27,7 +27,7 @@ from typing import Any
 
 from craft.budget import module_shapes
 from craft.factors import check_ranks
-from craft.runconfig import METHODS, RunConfig, TrainBlock, apply_overrides, check_keys, read_yaml_mapping
+from craft.harness.runconfig import METHODS, RunConfig, TrainBlock, apply_overrides, check_keys, read_yaml_mapping
 from craft.targets import find_targets
 
 from .space import METHOD_KEY, RANK_KEYS, Domain, SpaceSampler, TargetCost, find_domains
@@ -242,7 +242,7 @@ class SweepSpec:
         return data
 
     def run_config(self, values: dict[str, Any], output_dir: str | None = None) -> RunConfig:
-        """The validated :class:`~craft.runconfig.RunConfig` of one trial."""
+        """The validated :class:`~craft.harness.runconfig.RunConfig` of one trial."""
         return RunConfig.from_dict(self.run_data(values, output_dir))
 
     def candidates(self, path: str, default: Any = None) -> list:
@@ -459,7 +459,7 @@ def check_against_model(spec: SweepSpec, model: Any) -> ModelFacts:
 
 
 def _default_rank(key: str) -> int:
-    from craft.runconfig import LoraBlock, PissaBlock, VeraBlock
+    from craft.harness.runconfig import LoraBlock, PissaBlock, VeraBlock
 
     defaults = {"lora.r": LoraBlock.r, "pissa.r": PissaBlock.r, "vera.r": VeraBlock.r}
     return defaults.get(key, 1)

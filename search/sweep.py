@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.connect import connect_ray
-from craft.hub import load_model
-from craft.tasks import load_task
+from craft.harness.hub import load_model
+from craft.harness.tasks import load_task
 
 from .envvars import environment
 from .layout import DEFAULT_STORAGE, STUDY_FILE, SUMMARY_FILE, SWEEP_FILE

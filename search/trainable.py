@@ -1,7 +1,7 @@
 """The Ray Tune trainable: one trial = one fine-tuning run of the config Optuna sampled.
 
 It knows nothing of the search: it builds the trial's run config, takes CRAFT factors from the
-sweep's cache, trains with :func:`craft.job.run_job` and reports at every evaluation the score,
+sweep's cache, trains with :func:`craft.harness.job.run_job` and reports at every evaluation the score,
 the adapter size, the step and the elapsed time, after saving its training checkpoint (so a
 trial that fails, or loses its node, or whose driver dies, resumes where it was). Only a trial that
 ran its full budget reports ``final_score``, after scoring its test split.
@@ -26,9 +26,9 @@ import ray
 import torch
 from ray import tune
 
-from craft.job import PreparedData, data_key, prepare_data, prepare_job, run_job
-from craft.methods import save_adapter
-from craft.trainer import EvalEvent, resolve_device
+from craft.harness.job import PreparedData, data_key, prepare_data, prepare_job, run_job
+from craft.harness.methods import save_adapter
+from craft.harness.trainer import EvalEvent, resolve_device
 
 from .factor_cache import fetch_factors
 from .names import (

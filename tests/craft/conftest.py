@@ -243,7 +243,7 @@ TASK_WORDS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *GOOD, *BAD, *FILLER
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Stands in for craft.tasks.TaskSpec (same attribute names)."""
+    """Stands in for craft.harness.tasks.TaskSpec (same attribute names)."""
 
     text_fields: tuple[str, ...] = ("text",)
     num_labels: int = 2
@@ -256,7 +256,7 @@ class TinySpec:
 
 @dataclass
 class TinyTask:
-    """Stands in for craft.tasks.Task: a spec and its splits."""
+    """Stands in for craft.harness.tasks.Task: a spec and its splits."""
 
     spec: TinySpec
     splits: object  # datasets.DatasetDict

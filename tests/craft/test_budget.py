@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from craft.budget import method_parameters
-from craft.methods import apply_method
-from craft.runconfig import LoraBlock, PissaBlock, RunConfig, VeraBlock
+from craft.harness.methods import apply_method
+from craft.harness.runconfig import LoraBlock, PissaBlock, RunConfig, VeraBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

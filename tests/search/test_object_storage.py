@@ -44,9 +44,9 @@ def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Completed
 
 
 def _base_model(config: dict):
-    from craft.hub import load_model
-    from craft.runconfig import RunConfig
-    from craft.tasks import load_task
+    from craft.harness.hub import load_model
+    from craft.harness.runconfig import RunConfig
+    from craft.harness.tasks import load_task
 
     run = RunConfig.from_dict(config)
     task = load_task(run.task, run.data, seed=run.train.seed)

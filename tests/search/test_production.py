@@ -21,9 +21,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from craft.hub import load_tokenizer, tiny_config
-from craft.job import run_job
-from craft.runconfig import load_run_config
+from craft.harness.hub import load_tokenizer, tiny_config
+from craft.harness.job import run_job
+from craft.harness.runconfig import load_run_config
 from search.cli import main
 from search.names import TRIAL_ID_TAG
 from search.spec import load_sweep_spec

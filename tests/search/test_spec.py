@@ -6,7 +6,7 @@ import optuna
 import pytest
 import yaml
 
-from craft.hub import TINY_MODEL, load_model
+from craft.harness.hub import TINY_MODEL, load_model
 from search.cli import main
 from search.space import Domain, parse_domain
 from search.spec import check_against_model, load_sweep_spec, spec_from_dict

@@ -12,7 +12,7 @@ import json
 import optuna
 import pytest
 
-from craft.hub import TINY_MODEL
+from craft.harness.hub import TINY_MODEL
 from search.layout import SUMMARY_FILE, SWEEP_FILE
 from search.spec import spec_from_dict
 from search.warm_start import add_warm_trials, load_warm_start

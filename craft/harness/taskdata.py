@@ -1,6 +1,6 @@
 """Labelled text splits out of raw tables: reading local files, encoding labels, holding out splits.
 
-The generic half of :mod:`craft.tasks`: it knows nothing of GLUE or tweets. Every function raises
+The generic half of :mod:`craft.harness.tasks`: it knows nothing of GLUE or tweets. Every function raises
 a one-line ``ValueError`` naming the split, the column or the label at fault, and the fix.
 """
 

@@ -12,12 +12,19 @@ Non-finite predictions (a diverged model) are an error, not a score.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .tasks import TaskSpec
+
+class ScoredTask(Protocol):
+    """What scoring needs of a task (:class:`craft.harness.tasks.TaskSpec` has it)."""
+
+    name: str
+    metrics: Sequence[str]
+    num_labels: int
+    is_regression: bool
 
 __all__ = [
     "CLASSIFICATION_METRICS",
@@ -59,7 +66,7 @@ def _correlation(name: str, preds: np.ndarray, labels: np.ndarray) -> float:
     return value if np.isfinite(value) else 0.0
 
 
-def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def compute_metrics(spec: ScoredTask, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """The task's metrics of a set of predictions.
 
     Args:
@@ -115,7 +122,7 @@ def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray)
     return results
 
 
-def score_of(spec: TaskSpec, metrics: dict[str, float]) -> float:
+def score_of(spec: ScoredTask, metrics: dict[str, float]) -> float:
     """The task's single score: the mean of its metrics (GLUE: MRPC is mean(f1, accuracy)).
 
     Raises:

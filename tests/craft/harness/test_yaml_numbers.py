@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from craft.runconfig import load_run_config, parse_yaml
+from craft.harness.runconfig import load_run_config, parse_yaml
 from search.spec import load_sweep_spec
 
 RUN = "model: tiny\ntask: tweets\nmethod: craft\ncraft: {{rank_layers: 2, rank_out: 8, rank_in: 8}}\ntrain:\n  lr: {lr}\n  head_lr: {head}\n"

@@ -8,12 +8,12 @@ import datasets
 import pytest
 import torch
 
-from craft.checkpoint import CHECKPOINT_NAME, latest_checkpoint
 from craft.config import CraftConfig
-from craft.data import epoch_order, make_loader, tokenize_task
-from craft.methods import apply_method
-from craft.runconfig import LoraBlock, RunConfig, TrainBlock
-from craft.trainer import evaluate, make_schedule, total_steps, train, warmup_steps
+from craft.harness.checkpoint import CHECKPOINT_NAME, latest_checkpoint
+from craft.harness.data import epoch_order, make_loader, tokenize_task
+from craft.harness.methods import apply_method
+from craft.harness.runconfig import LoraBlock, RunConfig, TrainBlock
+from craft.harness.trainer import evaluate, make_schedule, total_steps, train, warmup_steps
 
 
 @pytest.fixture(scope="module")

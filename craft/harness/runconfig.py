@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .config import CraftConfig
+from ..config import CraftConfig
 
 __all__ = [
     "METHODS",

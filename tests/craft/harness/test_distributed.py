@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from craft import distributed
+from craft.harness import distributed
 
 
 def _model() -> torch.nn.Module:

@@ -5,7 +5,7 @@ Optimiser steps are counted across epochs; a gradient-accumulation window may sp
 boundary. Evaluations (and checkpoints) happen right after an optimiser step, so a checkpoint
 never holds a half-accumulated gradient.
 
-Data-parallel (see :mod:`craft.distributed`): under a ``torch.distributed`` process group every
+Data-parallel (see :mod:`craft.harness.distributed`): under a ``torch.distributed`` process group every
 process takes its slice of each global batch and DDP averages the gradients; every process
 evaluates (the same weights, the same numbers), rank 0 alone writes checkpoints, calls the
 callback and shows progress, and its stop decision is broadcast.
@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import make_loader, num_batches
+from .distributed import broadcast_flag, check_same, is_main, shard, sum_across, world_size, wrap
 from .methods import AdaptedModel, parameter_groups
 from .runconfig import TrainBlock
 
@@ -130,8 +130,8 @@ def train(
     """Fine-tune ``adapted`` on ``tokenized["train"]``, evaluating every ``cfg.eval_every`` steps.
 
     Args:
-        adapted: the model from :func:`craft.methods.apply_method` (moved to the device).
-        tokenized: a ``DatasetDict`` from :func:`craft.data.tokenize_task` with a ``train``
+        adapted: the model from :func:`craft.harness.methods.apply_method` (moved to the device).
+        tokenized: a ``DatasetDict`` from :func:`craft.harness.data.tokenize_task` with a ``train``
             split and every split in ``spec.eval_splits``.
         spec: the task spec (``eval_splits``, ``is_regression``).
         cfg: the loop's settings.
@@ -157,7 +157,7 @@ def train(
     device = resolve_device(cfg.device)
     autocast = _autocast(cfg, device)
     model = adapted.model.to(device)
-    main = distributed.is_main()
+    main = is_main()
     _seed_everything(cfg.seed)
     steps = total_steps(cfg, len(train_set))
     per_epoch = num_batches(len(train_set), cfg.batch_size)
@@ -173,8 +173,8 @@ def train(
                 raise ValueError(f"the checkpoint in {checkpoint_dir} is of another plan {saved['plan']}, this run is {plan}")
             pos = _Position(**saved["position"])
             history = [EvalEvent(**e) for e in saved["history"]]
-        distributed.check_same(pos.step, f"the step to resume from (is {checkpoint_dir} on storage every worker shares?)", device)
-    forward = distributed.wrap(model, device)  # DDP when several processes train, else the model
+        check_same(pos.step, f"the step to resume from (is {checkpoint_dir} on storage every worker shares?)", device)
+    forward = wrap(model, device)  # DDP when several processes train, else the model
 
     def evaluate_and_report() -> bool:
         event = EvalEvent(
@@ -193,7 +193,7 @@ def train(
             state["position"] = {**asdict(pos), "elapsed": event.elapsed}
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state)
         stop = bool(callback(event)) if callback is not None and main else False
-        return distributed.broadcast_flag(stop, device)
+        return broadcast_flag(stop, device)
 
     start = time.perf_counter()
     stop_reason = None
@@ -205,12 +205,12 @@ def train(
     while pos.step < steps and stop_reason is None:
         loader = make_loader(train_set, tokenizer, cfg.batch_size, True, cfg.seed, pos.epoch, start_batch=pos.batch)
         for batch in loader:
-            local, weight = distributed.shard(batch)  # the whole batch and 1.0 in a single process
+            local, weight = shard(batch)  # the whole batch and 1.0 in a single process
             with autocast:
                 loss = forward(**{k: v.to(device) for k, v in local.items()}).loss
             value = loss.item()
-            if distributed.world_size() > 1:  # the global batch's mean loss, and its gradient after DDP's average
-                value = distributed.sum_across([value * weight], device)[0] / distributed.world_size()
+            if world_size() > 1:  # the global batch's mean loss, and its gradient after DDP's average
+                value = sum_across([value * weight], device)[0] / world_size()
                 loss = loss * weight
             if not math.isfinite(value):
                 raise FloatingPointError(

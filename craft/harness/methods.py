@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .factors import Factors
-from .model import CraftModel, find_heads, get_craft_model
+from ..factors import Factors
+from ..model import CraftModel, find_heads, get_craft_model
+from ..targets import find_targets, is_conv1d
 from .runconfig import RunConfig
-from .targets import find_targets, is_conv1d
 
 __all__ = ["AdaptedModel", "apply_method", "parameter_groups", "save_adapter", "merged_model", "HEAD_WEIGHTS_NAME"]
 

@@ -15,8 +15,8 @@ from datasets import ClassLabel, Dataset, DatasetDict
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score
 
-from craft.runconfig import DataBlock
-from craft.tasks import (
+from craft.harness.runconfig import DataBlock
+from craft.harness.tasks import (
     GLUE_TASKS,
     TWEETS_LABELS,
     TWEETS_SPLIT_SIZES,

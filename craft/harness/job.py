@@ -1,4 +1,4 @@
-"""One fine-tuning run from a :class:`~craft.runconfig.RunConfig`, end to end.
+"""One fine-tuning run from a :class:`~craft.harness.runconfig.RunConfig`, end to end.
 
 Load the task and the model, apply the method, train with evaluations, score the test split,
 save the adapter (and on request the merged model). Tracking is the caller's: it passes a
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from . import distributed
+from ..factors import Factors
 from .data import tokenize_task
-from .factors import Factors
+from .distributed import is_main
 from .hub import load_model, load_tokenizer
 from .methods import AdaptedModel, apply_method, merged_model, save_adapter
 from .metrics import compute_metrics
@@ -149,7 +149,7 @@ def run_job(
         checkpoint_dir: keep the training checkpoint in ``checkpoint_dir/checkpoint`` instead of
             ``output_dir/checkpoint`` (a search trial keeps it in local scratch space).
 
-    Data-parallel (a ``torch.distributed`` process group, see :mod:`craft.distributed`): every
+    Data-parallel (a ``torch.distributed`` process group, see :mod:`craft.harness.distributed`): every
     process calls this; rank 0 alone writes ``output_dir``.
 
     Raises:
@@ -159,7 +159,7 @@ def run_job(
     prepared = prepared or prepare_job(run, factors)
     task, tokenizer, adapted, tokenized = prepared.task, prepared.tokenizer, prepared.adapted, prepared.tokenized
     out = Path(run.output_dir)
-    main = distributed.is_main()  # data-parallel: rank 0 writes every file
+    main = is_main()  # data-parallel: rank 0 writes every file
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(run.to_yaml())

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from craft.config import CraftConfig
-from craft.data import tokenize_task
-from craft.methods import HEAD_WEIGHTS_NAME, apply_method, merged_model, parameter_groups, save_adapter
-from craft.runconfig import LoraBlock, PissaBlock, RunConfig, TrainBlock, VeraBlock
-from craft.trainer import train
+from craft.harness.data import tokenize_task
+from craft.harness.methods import HEAD_WEIGHTS_NAME, apply_method, merged_model, parameter_groups, save_adapter
+from craft.harness.runconfig import LoraBlock, PissaBlock, RunConfig, TrainBlock, VeraBlock
+from craft.harness.trainer import train
 
 RANKS = (2, 16, 16)
 HIDDEN, LAYERS, TARGETS = 32, 2, 2  # the sentiment BERT: query and value of 2 layers
