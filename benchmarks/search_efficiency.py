@@ -14,7 +14,7 @@ files, on the packaged pre-trained MiniLM. The space is wide and untuned: CRAFT,
 ranks over their whole useful range, one shared learning-rate range. Every trial is the real
 sweep machinery (``run_sweep``: Ray Tune, Optuna, the schedulers, MLflow on SQLite).
 
-The hypervolume is the project's (:func:`search.pareto.hypervolume`: score x log10(1 +
+The hypervolume is the project's (:func:`search.results.pareto.hypervolume`: score x log10(1 +
 parameters)) against one fixed reference point for every run: score 0 and twice the largest
 adapter the space allows. Compute is counted from each trial's reports (steps at each
 evaluation, ordered by wall clock), and a trial enters the front when it completes.
@@ -47,7 +47,7 @@ from common import emit, log  # benchmarks/common.py, beside this script
 from craft.harness.hub import load_model
 from craft.harness.tasks import load_task, tweets_csv_path
 from search.names import ADAPTER_PARAMETERS, FINAL_SCORE, REPORTED_AT, SCORE, STEP
-from search.pareto import ParetoTrial, hypervolume
+from search.results.pareto import ParetoTrial, hypervolume
 from search.spec import check_against_model, spec_from_dict
 from search.sweep import run_sweep
 

@@ -5,10 +5,10 @@ schedulers (MO-ASHA, ASHA, the compute budget) are in :mod:`search.schedulers`, 
 """
 
 from .cli import main
-from .export import Pick, choose_trials, export_configs, parse_pick
-from .pareto import ParetoTrial, SweepTable, hypervolume, load_sweep, pareto_front
 from .production import train_distributed
-from .report import FrontReport, report_front
+from .results.export import Pick, choose_trials, export_configs, parse_pick
+from .results.pareto import ParetoTrial, SweepTable, hypervolume, load_sweep, pareto_front
+from .results.report import FrontReport, report_front
 from .space import Domain, SpaceSampler
 from .spec import ResourcesBlock, SearchBlock, SweepSpec, check_against_model, load_sweep_spec
 from .storage import SweepStore

@@ -32,8 +32,8 @@ from .outcomes import error_line, trial_outcome
 from .searcher import current_study_url
 from .spec import SweepSpec
 from .storage import SweepStore
-from .tracking import flatten
-from .tracking_queue import TrackingQueue, current_tracking_queue
+from .tracking.queue import TrackingQueue, current_tracking_queue
+from .tracking.runs import flatten
 
 __all__ = ["MlflowSweepCallback", "StudyMirrorCallback", "mirror_study"]
 
@@ -52,7 +52,7 @@ _SKIP = set(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_c
 
 class MlflowSweepCallback(Callback):
     """One nested MLflow run per trial under the sweep's parent run: the driver's writes, put on
-    the sweep's :class:`~search.tracking_queue.TrackingQueue` (sent by its own thread: nothing
+    the sweep's :class:`~search.tracking.queue.TrackingQueue` (sent by its own thread: nothing
     here waits on the server or can fail the sweep).
 
     Args:

@@ -292,8 +292,8 @@ def format_sweep(result, top: int = 5) -> str:
 def _pareto(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pareto import load_sweep, parse_reference
-    from .report import report_front
+    from .results.pareto import load_sweep, parse_reference
+    from .results.report import report_front
 
     table = load_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri)
     objectives = ("score", "params", "time") if args.time else ("score", "params")
@@ -309,8 +309,8 @@ def _pareto(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_configs, parse_pick
-    from .pareto import load_sweep
+    from .results.export import export_configs, parse_pick
+    from .results.pareto import load_sweep
 
     pick = parse_pick(args.pick)  # before reading anything
     table = load_sweep(args.sweep, storage=args.storage, tracking_uri=args.tracking_uri)
@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"craft-search: training diverged: {err}", file=sys.stderr)
         return 1
     except RuntimeError as err:
-        from .tracking_queue import TrackingUnavailable
+        from .tracking.queue import TrackingUnavailable
 
         if not isinstance(err, TrackingUnavailable):
             raise

@@ -23,7 +23,7 @@ from typing import Any
 from craft.harness.job import prepare_job
 from craft.harness.runconfig import RunConfig
 
-from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
+from .tracking.runs import RunTracker, check_tracking_uri, resolve_tracking_uri
 
 __all__ = ["DistributedJob", "train_distributed"]
 

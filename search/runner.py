@@ -15,7 +15,7 @@ from craft.harness.job import JobResult, prepare_job, run_job
 from craft.harness.runconfig import RunConfig
 from craft.harness.trainer import EvalEvent
 
-from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
+from .tracking.runs import RunTracker, check_tracking_uri, resolve_tracking_uri
 
 __all__ = ["TrackedJob", "train_tracked", "event_metrics", "open_tracker", "log_job"]
 

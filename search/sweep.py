@@ -39,8 +39,8 @@ from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, SCORE, STEP, TRIAL_
 from .plan import describe_methods
 from .spec import SweepSpec, check_against_model, spec_changes, spec_from_dict
 from .storage import SweepStore, resolve_storage
-from .tracking import RunTracker, check_tracking_uri, resolve_tracking_uri
-from .tracking_queue import PARENT, PENDING_FILE, TrackingQueue, TrackingUnavailable, keep_pending, tracking_queue
+from .tracking.queue import PARENT, PENDING_FILE, TrackingQueue, TrackingUnavailable, keep_pending, tracking_queue
+from .tracking.runs import RunTracker, check_tracking_uri, resolve_tracking_uri
 
 __all__ = [
     "TrialSummary",
@@ -86,7 +86,7 @@ class SweepResult:
     cache: dict[str, Any]
     wall_s: float
     requested: int
-    pareto: dict[str, Any] | None = None  # the front's trial ids, hypervolumes and plot paths (search.report)
+    pareto: dict[str, Any] | None = None  # the front's trial ids, hypervolumes and plot paths (search.results.report)
     tracking: dict[str, Any] | None = None  # the MLflow writes: requests, seconds, retries, longest outage
 
     def count(self, outcome: str) -> int:
@@ -437,8 +437,8 @@ def run_sweep(
         (Path(tmp) / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
         parent.client.log_artifact(parent.run_id, str(Path(tmp) / SUMMARY_FILE))
     try:
-        from .pareto import load_sweep
-        from .report import FRONT_DIR, report_front
+        from .results.pareto import load_sweep
+        from .results.report import FRONT_DIR, report_front
 
         local = experiment_dir(spec, storage) / FRONT_DIR
         report = report_front(load_sweep(store.uri), local, log=True)  # the plots and the hypervolume, in the parent run

@@ -2,7 +2,7 @@
 
 A user who widens a range, or adds a method, should not pay again for what is known. The earlier
 sweep is read from its results (``summary.json``) or its MLflow parent run
-(:func:`search.pareto.load_sweep`); each trial that ran its full budget enters the new study as a
+(:func:`search.results.pareto.load_sweep`); each trial that ran its full budget enters the new study as a
 COMPLETE trial with its values (final score, adapter parameters), through Optuna's ``add_trial``.
 
 Only a sweep of the same model, task, data and trial budget can seed another: scores of another
@@ -102,7 +102,7 @@ def load_warm_start(spec: SweepSpec, *, storage: str | None = None, tracking_uri
     source = spec.search.warm_start
     if not source:
         return None
-    from .pareto import load_sweep
+    from .results.pareto import load_sweep
 
     try:
         table = load_sweep(source, storage=storage, tracking_uri=tracking_uri)

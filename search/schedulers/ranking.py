@@ -2,7 +2,7 @@
 
 Pure numpy (with moocore for the sorting): no Ray here. Objectives are the score (maximised)
 and the adapter size (minimised), the size measured as log10(1 + parameters) like the
-hypervolume of :mod:`search.pareto`: a 1K adapter against a 2K one weighs as much as 40K
+hypervolume of :mod:`search.results.pareto`: a 1K adapter against a 2K one weighs as much as 40K
 against 80K.
 
 Inside one front the order is a greedy epsilon-net (Schmucker et al. 2021, "Multi-objective

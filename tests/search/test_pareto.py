@@ -13,12 +13,20 @@ import pytest
 import yaml
 
 from search.cli import main
-from search.export import choose_trials, export_configs, parse_pick
 from search.names import ADAPTER_PARAMETERS, CONFIG_TAG, FINAL_SCORE, OUTCOME_TAG, SCORE, STEP, TRAIN_SECONDS, TRIAL_ID_TAG
-from search.pareto import ParetoTrial, SweepTable, default_reference, hypervolume, load_sweep, pareto_front, parse_reference
-from search.plots import write_html, write_png
+from search.results.export import choose_trials, export_configs, parse_pick
+from search.results.pareto import (
+    ParetoTrial,
+    SweepTable,
+    default_reference,
+    hypervolume,
+    load_sweep,
+    pareto_front,
+    parse_reference,
+)
+from search.results.plots import write_html, write_png
 from search.spec import load_sweep_spec
-from search.tracking import RunTracker
+from search.tracking.runs import RunTracker
 from spaces import preset_path
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.tracking import RunTracker, check_tracking_uri, flatten, resolve_tracking_uri
+from search.tracking.runs import RunTracker, check_tracking_uri, flatten, resolve_tracking_uri
 
 
 def test_flatten_nested_config():
@@ -90,7 +90,7 @@ def test_orphan_cleanup_reads_every_page_of_child_runs(tmp_path):
 
 def test_the_queue_batches_a_runs_writes_and_stores_a_write_sent_twice_once(tmp_path):
     from search.names import TRIAL_ID_TAG
-    from search.tracking_queue import TrackingQueue
+    from search.tracking.queue import TrackingQueue
 
     uri = resolve_tracking_uri(None, tmp_path)
     parent = RunTracker(uri, "queue", run_name="parent")
@@ -113,7 +113,7 @@ def test_the_queue_batches_a_runs_writes_and_stores_a_write_sent_twice_once(tmp_
 
 
 def test_the_queue_waits_for_a_server_that_does_not_answer_then_gives_the_writes_back():
-    from search.tracking_queue import TrackingQueue
+    from search.tracking.queue import TrackingQueue
 
     dead = "http://127.0.0.1:9"  # the discard port: nothing answers there
     queue = TrackingQueue(dead, "queue", "0" * 32, max_pause_s=0.2)

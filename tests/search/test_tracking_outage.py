@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from search.names import OUTCOME_TAG, SCORE, TRIAL_ID_TAG
 from search.spec import load_sweep_spec
 from search.sweep import SUMMARY_FILE, run_sweep
-from search.tracking_queue import PENDING_FILE
+from search.tracking.queue import PENDING_FILE
 from spaces import preset_path
 
 pytestmark = [

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..space import describe_config
 from .pareto import ParetoTrial, SweepTable
-from .space import describe_config
 
 __all__ = ["METHOD_COLOURS", "PNG_NAME", "HTML_NAME", "write_png", "write_html", "step_points"]
 

@@ -1,6 +1,6 @@
 """Pareto fronts of a sweep: accuracy against adapter size (and optionally training time).
 
-Data first, drawing second (:mod:`search.plots` draws what this module computes). A sweep is read
+Data first, drawing second (:mod:`search.results.plots` draws what this module computes). A sweep is read
 from its results directory (``summary.json`` once it ended) or, while it runs or from another
 machine, from its MLflow parent run and the nested trial runs (``runs:/<parent run id>``).
 
@@ -23,9 +23,9 @@ import numpy as np
 
 from craft.harness.metrics import CLASSIFICATION_METRICS, METRIC_NAMES
 
-from .layout import DEFAULT_STORAGE, SUMMARY_FILE, SWEEP_FILE
-from .names import ADAPTER_PARAMETERS, CONFIG_TAG, FINAL_SCORE, OUTCOME_TAG, SCORE, STEP, TRAIN_SECONDS, TRIAL_ID_TAG
-from .storage import SweepStore, is_uri
+from ..layout import DEFAULT_STORAGE, SUMMARY_FILE, SWEEP_FILE
+from ..names import ADAPTER_PARAMETERS, CONFIG_TAG, FINAL_SCORE, OUTCOME_TAG, SCORE, STEP, TRAIN_SECONDS, TRIAL_ID_TAG
+from ..storage import SweepStore, is_uri
 
 __all__ = [
     "OBJECTIVES",
@@ -230,7 +230,7 @@ def load_sweep(source: str | Path, *, storage: str | None = None, tracking_uri: 
     """
     text = str(source)
     if text.startswith("runs:/"):
-        from .tracking import resolve_tracking_uri
+        from ..tracking import resolve_tracking_uri
 
         return _from_mlflow(resolve_tracking_uri(tracking_uri), text.removeprefix("runs:/").strip("/"), None)
     candidates = _stores(text, storage)
@@ -301,7 +301,7 @@ def _from_mlflow(uri: str, parent_run_id: str, store: SweepStore | None) -> Swee
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from .tracking import check_tracking_uri
+    from ..tracking import check_tracking_uri
 
     check_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)

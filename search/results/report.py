@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..space import describe_config
 from .pareto import ParetoTrial, SweepTable, default_reference, hypervolume, pareto_front
 from .plots import HTML_NAME, PNG_NAME, write_html, write_png
-from .space import describe_config
 
 __all__ = ["FrontReport", "report_front", "log_front"]
 
@@ -87,10 +87,10 @@ def report_front(
     """Compute the front and hypervolumes of ``table``, draw both plots, log them to the parent run.
 
     Args:
-        table: the sweep (:func:`search.pareto.load_sweep`).
+        table: the sweep (:func:`search.results.pareto.load_sweep`).
         out_dir: where the plots go (default: ``<results>/pareto``, else ``./pareto-<sweep>``).
         objectives: score,params or score,params,time (the plots always draw score against params).
-        reference: the hypervolume reference point (default :func:`search.pareto.default_reference`).
+        reference: the hypervolume reference point (default :func:`search.results.pareto.default_reference`).
         log: log the plots and the hypervolume to the sweep's MLflow parent run.
 
     Raises:
@@ -115,7 +115,7 @@ def log_front(table: SweepTable, plots: tuple[Path, ...], volume: float) -> None
     status is left as it is (a running sweep stays running)."""
     from mlflow.tracking import MlflowClient
 
-    from .tracking import check_tracking_uri
+    from ..tracking import check_tracking_uri
 
     check_tracking_uri(table.tracking_uri)
     client = MlflowClient(tracking_uri=table.tracking_uri)

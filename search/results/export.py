@@ -18,8 +18,8 @@ from typing import Any
 
 from craft.harness.runconfig import RunConfig
 
+from ..spec import spec_from_dict
 from .pareto import ParetoTrial, SweepTable, pareto_front
-from .spec import spec_from_dict
 
 __all__ = ["Pick", "parse_pick", "choose_trials", "export_configs", "ExportedConfig"]
 
@@ -100,8 +100,8 @@ def _trial_run_id(table: SweepTable, trial: ParetoTrial) -> str | None:
     try:
         from mlflow.tracking import MlflowClient
 
-        from .names import TRIAL_ID_TAG
-        from .tracking import check_tracking_uri
+        from ..names import TRIAL_ID_TAG
+        from ..tracking import check_tracking_uri
 
         check_tracking_uri(table.tracking_uri, timeout=2.0)
         client = MlflowClient(tracking_uri=table.tracking_uri)
@@ -129,7 +129,7 @@ def export_configs(
     """Write one run config per chosen trial into ``out_dir`` (``<sweep>-<trial>.yaml``).
 
     Args:
-        table: the sweep (:func:`search.pareto.load_sweep`).
+        table: the sweep (:func:`search.results.pareto.load_sweep`).
         pick: which trials (:func:`parse_pick`).
         out_dir: where the YAML files go (created).
         top: at most this many trials.

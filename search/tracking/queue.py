@@ -25,11 +25,11 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .envvars import environment
-from .names import TRIAL_ID_TAG
+from ..envvars import environment
+from ..names import TRIAL_ID_TAG
 
 if TYPE_CHECKING:
-    from .storage import SweepStore
+    from ..storage import SweepStore
 
 __all__ = [
     "PENDING_FILE",
