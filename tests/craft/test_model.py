@@ -137,27 +137,39 @@ def test_activation_checkpointing_gives_same_gradients(tiny, name, compute, kwar
         assert float((g - h).norm() / g.norm()) <= 1e-5, n
 
 
+@pytest.mark.parametrize("compute", ["factored", "merged"])
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
-def test_target_in_modules_to_save_trains_alike_on_both_paths(tiny, name):
-    """A target listed in modules_to_save: refuse it, or give its base weight the same gradient on both paths."""
+def test_target_in_modules_to_save_is_refused(tiny, name, compute):
+    """A module both adapted (its weight frozen under J) and listed in modules_to_save (trained in
+    full) is refused in one line naming it, on either compute path, and the model is left untouched."""
     target = tiny.layouts[name].targets[0].partition(":")[0]
     head = tiny.layouts[name].heads[0]
-    grads = {}
-    for compute in ("factored", "merged"):
-        model, inputs = tiny.build(name)
-        config = tiny.config(init_scale=0.2, modules_to_save=[head, target])
-        try:
-            cm = get_craft_model(model, config, compute=compute)
-        except ValueError as err:  # refusing the overlap is a valid answer
-            assert "modules_to_save" in str(err)
-            return
-        cm(**inputs).loss.backward()
-        grads[compute] = {n: p.grad for n, p in cm.named_parameters() if p.requires_grad and "base_layer" in n}
-    assert grads["factored"], "the targets' base weights are trainable"
-    for n, g in grads["factored"].items():
-        h = grads["merged"][n]
-        assert h is not None, f"merged path gives {n} no gradient (factored does)"
-        assert float((g - h).norm() / g.norm()) <= 1e-5, n
+    model, inputs = tiny.build(name)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"^modules_to_save includes \S*{target}, which holds an adapted projection.*remove it"):
+        get_craft_model(model, tiny.config(init_scale=0.2, modules_to_save=[head, target]), compute=compute)
+    assert not any(isinstance(m, CraftLinear) for m in model.modules()), "nothing was wrapped"
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("compute", ["factored", "merged"])
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_head_in_modules_to_save_trains_in_full_on_both_paths(tiny, name, compute):
+    """The head named in modules_to_save trains in full: every one of its parameters gets the gradient
+    float64 autograd gives the plain model (J = I, so the adapted model is the plain one), on both paths."""
+    head = tiny.layouts[name].heads[0]
+    plain, inputs = tiny.build(name)
+    plain = plain.double()
+    plain(**inputs).loss.backward()
+    reference = {n: p.grad for n, p in plain.named_parameters() if n == head or n.startswith(head + ".") or f".{head}." in n}
+    assert reference, f"the layout's head {head} has parameters"
+    model, inputs = tiny.build(name)
+    cm = get_craft_model(model.double(), tiny.config(modules_to_save=[head]), compute=compute)
+    cm(**inputs).loss.backward()
+    grads = {n.removeprefix("base_model."): p.grad for n, p in cm.named_parameters() if p.requires_grad and "craft_adapters" not in n}
+    assert set(grads) == set(reference), "exactly the head trains besides J"
+    for n, g in reference.items():
+        assert _relative(grads[n], g) <= 1e-10, n
 
 
 @pytest.mark.parametrize("which", ["bias", "weight"])
@@ -190,6 +202,27 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _tucker_delta(adapter, layer: int) -> torch.Tensor:
+    """Delta W_l from the adapter's frozen Tucker factors and J, independently of the layer code:
+    T(G; U_layers J_layers, U_out J_out, U_in J_in)_l - T(G; U_layers, U_out, U_in)_l, in float64."""
+    core, u_l, u_o, u_i = (t.detach().double() for t in (adapter.core, adapter.u_layers, adapter.u_out, adapter.u_in))
+    j_l, j_o, j_i = (t.detach().double() for t in (adapter.j_layers, adapter.j_out, adapter.j_in))
+    # core (a, b, c); u_l (L, a); u_o (out, b); u_i (in, c) -> (L, out, in)
+    adapted = torch.einsum("abc,la,ob,ic->loi", core, u_l @ j_l, u_o @ j_o, u_i @ j_i)
+    base = torch.einsum("abc,la,ob,ic->loi", core, u_l, u_o, u_i)  # (L, out, in)
+    return adapted[layer] - base[layer]
+
+
+def _expected_delta(layer: CraftLinear) -> torch.Tensor:
+    """The full (out, in) update of a wrapped projection: each part's Tucker delta in its rows."""
+    d_out, d_in = layer.base_weight().shape
+    full = torch.zeros(d_out, d_in, dtype=torch.float64)
+    for part in layer.parts:
+        lo, hi = part.rows or (0, d_out)
+        full[lo:hi] = _tucker_delta(part.adapter, part.layer)
+    return full
+
+
 # ----------------------------------------------------------------------------- merge / unmerge
 
 
@@ -204,10 +237,11 @@ def test_craft_linear_merge_unmerge(tiny, name):
     with torch.no_grad():
         unmerged = layer(x)
         assert tiny.max_diff(unmerged, layer.base_layer(x)) > 1e-5  # the update is not zero
-        delta = layer.full_delta_weight()
+        delta = _expected_delta(layer)
+        assert float(delta.abs().max()) > 1e-4  # training moved J
         layer.merge()
         assert layer.merged
-        torch.testing.assert_close(layer.base_weight(), original + delta, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.base_weight().double(), original.double() + delta, rtol=0, atol=1e-5)
         assert tiny.max_diff(layer(x), unmerged) <= 1e-5
         layer.merge()  # idempotent
         assert tiny.max_diff(layer(x), unmerged) <= 1e-5
@@ -223,8 +257,12 @@ def test_model_merge_unmerge(tiny, name):
     cm = get_craft_model(model, tiny.config(init_scale=0.1))
     tiny.train(cm, inputs, steps=3)
     adapted = tiny.logits(cm, inputs)
+    layers = cm.craft_layers()
+    expected = [layer.base_weight().detach().double() + _expected_delta(layer) for layer in layers]
     cm.merge()
-    assert all(m.merged for m in cm.craft_layers())
+    assert all(m.merged for m in layers)
+    for layer, weight in zip(layers, expected):  # each merged weight is W + its Tucker delta, built apart
+        torch.testing.assert_close(layer.base_weight().detach().double(), weight, rtol=0, atol=1e-5)
     assert tiny.max_diff(tiny.logits(cm, inputs), adapted) <= 1e-5
     cm.unmerge()
     assert tiny.max_diff(tiny.logits(cm, inputs), adapted) <= 1e-6
@@ -245,9 +283,12 @@ def test_merge_of_tied_weights_stays_exact(tiny):
     shared = first.base_layer.weight
     assert second.base_layer.weight is shared
     adapted = tiny.logits(cm, inputs)
+    expected = [shared.detach().double() + _expected_delta(layer) for layer in (first, second)]
     cm.merge()
     assert tiny.max_diff(tiny.logits(cm, inputs), adapted) <= 1e-5
     assert first.base_layer.weight is not second.base_layer.weight  # each layer got its own merged copy
+    for layer, weight in zip((first, second), expected):  # the shared W plus that layer's own delta
+        torch.testing.assert_close(layer.base_weight().detach().double(), weight, rtol=0, atol=1e-5)
     cm.unmerge()
     assert first.base_layer.weight is shared and second.base_layer.weight is shared  # the tie is back
     assert tiny.max_diff(tiny.logits(cm, inputs), adapted) <= 1e-6
@@ -287,11 +328,15 @@ def test_get_delta_weight_single_and_fused(tiny):
     with pytest.raises(ValueError, match="several parts"):
         fused.get_delta_weight()
     q_part, v_part = fused.parts
-    full = fused.full_delta_weight()
+    assert (q_part.rows, v_part.rows) == ((0, 32), (64, 96))  # c_attn holds q | k | v, 32 rows each
+    full = fused.full_delta_weight().detach().double()
     assert full.shape == (96, 32)
-    torch.testing.assert_close(full[0:32], fused.get_delta_weight(q_part))
-    torch.testing.assert_close(full[64:96], fused.get_delta_weight(v_part))
-    assert float(full[32:64].detach().abs().max()) == 0.0  # k is not adapted
+    q_delta, v_delta = _tucker_delta(q_part.adapter, q_part.layer), _tucker_delta(v_part.adapter, v_part.layer)
+    assert float(q_delta.abs().max()) > 1e-4 and float(v_delta.abs().max()) > 1e-4  # init_scale 0.1 moved J
+    torch.testing.assert_close(full[0:32], q_delta, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(full[64:96], v_delta, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused.get_delta_weight(q_part).detach().double(), q_delta, rtol=1e-4, atol=1e-6)
+    assert float(full[32:64].abs().max()) == 0.0  # k is not adapted
 
 
 def test_delta_weight_matches_residual_tucker_form(tiny):

@@ -144,13 +144,17 @@ def test_budget_needs_int_rank_domains(tmp_path):
 
 
 def test_sampled_trials_stay_within_the_budget_and_axes(tmp_path):
-    budget = 1200  # craft: 2 * (l^2 + o^2 + 16^2) <= 1200 allows o <= 17; lora: r * 8 modules * (32 + 32) allows r <= 2
+    """The last rank's domain ends exactly at the budget's bound for the ranks drawn before it, by hand:
+    craft trains 2 stacks * (l^2 + o^2 + 16^2) (rank_in fixed at 16), so with budget 1100 rank_out may
+    reach 17 when rank_layers is 1 or 2 (2 * (4 + 289 + 256) = 1098), 16 when it is 3 or 4; LoRA trains
+    r * 8 modules * (32 + 32), so r <= 2 (3 * 512 > 1100)."""
+    budget = 1100
     spec = load_sweep_spec(_write(tmp_path, _with(search__max_adapter_params=budget)))
     model = load_model(TINY_MODEL, num_labels=3)
     facts = check_against_model(spec, model)
     space = spec.sampler(facts.costs)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
-    seen = {"craft": [], "lora": []}
+    highs = {"craft": set(), "lora": set()}
     for _ in range(60):
         trial = study.ask()
         values = space(trial)
@@ -161,10 +165,18 @@ def test_sampled_trials_stay_within_the_budget_and_axes(tmp_path):
         params = method_parameters(run.method, block, model)
         assert params <= budget
         assert facts.costs[run.method].price(run.method, values | {"craft.rank_in": 16}) == params
-        seen[run.method].append(values.get("craft.rank_out", values.get("lora.r")))
+        if run.method == "craft":
+            layers = values["craft.rank_layers"]
+            bound = max(o for o in range(1, 33) if 2 * (layers**2 + o**2 + 16**2) <= budget)
+            assert bound == (17 if layers <= 2 else 16)
+            assert trial.distributions["craft.rank_out"].high == bound, layers  # reached: the domain ends there
+            assert values["craft.rank_out"] <= bound
+            highs["craft"].add(bound)
+        else:
+            assert trial.distributions["lora.r"].high == 2
+            highs["lora"].add(2)
         study.tell(trial, [0.5, params])
-    assert max(seen["craft"]) == 17 and max(seen["lora"]) == 2  # the bound is reached, never passed
-    assert min(seen["craft"]) == 2 and min(seen["lora"]) == 1
+    assert highs == {"craft": {16, 17}, "lora": {2}}  # both craft bounds were met among the 60 draws
 
 
 def test_factor_requests_take_the_largest_ranks_of_the_space():
@@ -256,8 +268,8 @@ def test_a_methods_own_train_settings_replace_the_shared_ones(tmp_path):
 
 
 def test_an_export_carries_the_methods_own_settings(tmp_path):
-    from search.export import export_configs, parse_pick
-    from search.pareto import ParetoTrial, SweepTable
+    from search.results.export import export_configs, parse_pick
+    from search.results.pareto import ParetoTrial, SweepTable
 
     spec = load_sweep_spec(_write(tmp_path, _with(lora__train={"lr": {"float": [1.0e-4, 1.0e-3], "log": True}})))
     config = {"method": "lora", "lora.r": 4, "lora.train.lr": 5.0e-4}
