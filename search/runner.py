@@ -17,7 +17,7 @@ from craft.harness.trainer import EvalEvent
 
 from .tracking.runs import RunTracker, check_tracking_uri, resolve_tracking_uri
 
-__all__ = ["TrackedJob", "train_tracked", "event_metrics", "open_tracker", "log_job"]
+__all__ = ["TrackedJob", "train_tracked", "event_metrics", "open_tracker", "log_job", "log_missing_evaluations"]
 
 _RUN_FILE = "mlflow_run.json"
 
@@ -80,8 +80,20 @@ def train_tracked(run: RunConfig, *, resume: bool = False, progress: bool | None
             tracker.log_metrics(event_metrics(event), step=event.step)
 
         job = run_job(run, prepared=prepared, callback=report, resume=resume, progress=progress)
+        if resume:
+            log_missing_evaluations(tracker, job.train.history)
         log_job(tracker, job)
     return TrackedJob(job, tracker.uri, tracker.run_id)
+
+
+def log_missing_evaluations(tracker: RunTracker, history: list[EvalEvent]) -> None:
+    """Log the evaluations of a resumed job that its MLflow run lacks: a job killed after writing a
+    checkpoint and before logging that checkpoint's evaluation resumes past it, so only the
+    checkpoint's history still holds it."""
+    logged = {m.step for m in tracker.client.get_metric_history(tracker.run_id, "epoch")}
+    for event in history:
+        if event.step not in logged:
+            tracker.log_metrics(event_metrics(event), step=event.step)
 
 
 def log_job(tracker: RunTracker, job: JobResult) -> None:

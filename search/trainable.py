@@ -47,7 +47,7 @@ from .runner import event_metrics
 from .scratch import scratch_dir
 from .spec import SweepSpec
 
-__all__ = ["run_trial", "RUN_DIR", "DIVERGED_FILE", "METRICS_FILE"]
+__all__ = ["run_trial", "RUN_DIR", "DIVERGED_FILE", "METRICS_FILE", "NOT_RETRIED"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ _DATA: dict[str, PreparedData] = {}
 
 RUN_DIR = "run"  # the trial's run output (config, adapter, metrics) inside its trial directory
 DIVERGED_FILE = "diverged.json"  # in run/: the loss diverged (a retry fails at once)
+NOT_RETRIED = "not trained again on retry: the same config diverges again"  # a retry's error says it
 METRICS_FILE = "metrics.json"  # in run/: the last evaluation while the trial runs, the job's summary once complete
 CHECKPOINT_POINTER = "checkpoint.json"  # in the trial's directory: its latest complete training checkpoint
 
@@ -156,7 +157,7 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, cache_name: str | None
     storage = _TrialStorage()
     diverged = storage.read_json(DIVERGED_FILE)
     if diverged is not None:  # a retry of a diverged trial would diverge again: fail without training
-        raise FloatingPointError(diverged["error"])
+        raise FloatingPointError(f"{diverged['error']} ({NOT_RETRIED})")
     scratch = scratch_dir(scratch_key) / trial_id
     run_dir = scratch / RUN_DIR
     run_dir.mkdir(parents=True, exist_ok=True)

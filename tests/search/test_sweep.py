@@ -162,11 +162,15 @@ def test_a_diverging_trial_fails_alone(ray_address, cache_dir, tmp_path):
     failed = [t for t in result.trials if t.outcome == "failed"]
     assert len(result.trials) == 3 and len(failed) == 1 and result.count("complete") == 2
     assert failed[0].config["train.lr"] == 1.0e30 and "FloatingPointError" in failed[0].error
+    # max_failures=1: Ray retried it once, and the retry failed at once, without training (its error says so)
+    assert "not trained again on retry" in failed[0].error, failed[0].error
     client = MlflowClient(uri)
     runs = client.search_runs(
         [client.get_experiment_by_name("craft-smoke").experiment_id], f"tags.`{TRIAL_ID_TAG}` = '{failed[0].trial_id}'"
     )
     assert len(runs) == 1 and runs[0].info.status == "FAILED" and runs[0].data.tags[OUTCOME_TAG] == "failed"
+    assert runs[0].data.tags["craft.retries"] == "1"  # one retry, recorded when Ray recovered the trial
+    assert "not trained again on retry" in runs[0].data.tags["craft.error"]
     assert client.get_run(result.parent_run_id).data.tags["craft.failed"] == "1"
 
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -81,13 +86,47 @@ def test_bf16_autocast_trains_on_cpu(run_setup):
     assert losses[True] == pytest.approx(losses[False], rel=0.05)
 
 
-def test_resume_writes_into_the_same_mlflow_run(run_setup):
+@pytest.mark.slow
+def test_a_killed_run_resumes_into_the_same_mlflow_run_and_ends_as_an_uninterrupted_one(run_setup):
+    """``craft-search train`` killed (SIGKILL) after its first checkpoint and before its end, then run
+    again with --resume: one MLflow run, FINISHED, one score per evaluation, and the adapter an
+    uninterrupted run of the same config trains (the resume is exact)."""
     path, config, tmp = run_setup
-    assert main(["train", str(path), "--max-steps", "6"]) == 0
-    assert main(["train", str(path), "--max-steps", "6", "--resume"]) == 0
+    steps = 60
+    config["train"] |= {"max_steps": steps, "eval_every": 3}
+    path.write_text(yaml.safe_dump(config))
+    run_dir = tmp / "run"
+    command = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main(sys.argv[1:]))", "train", str(path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = run_dir / "checkpoint" / "trainer_state.json"  # written at the first evaluation
+    deadline = time.monotonic() + 300
+    while not state.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"the run ended on its own before the kill: {err.decode()[-500:]}"
+    assert not (run_dir / "metrics.json").exists()  # it was interrupted for real
     client = MlflowClient(config["tracking"]["uri"])
-    runs = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    (killed,) = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
+    assert killed.info.status == "RUNNING"
+
+    assert main(["train", str(path), "--resume"]) == 0
+    (run,) = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    history = [m.step for m in client.get_metric_history(run.info.run_id, "score")]
+    assert sorted(history) == list(range(3, steps + 1, 3))  # every evaluation once, before and after the kill
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == steps
+
+    config |= {"output_dir": str(tmp / "straight"), "tracking": {"enabled": False}}
+    straight = tmp / "straight.yaml"
+    straight.write_text(yaml.safe_dump(config))
+    assert main(["train", str(straight)]) == 0
+    resumed = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    reference = load_file(str(tmp / "straight" / "adapter" / "adapter_model.safetensors"))
+    assert resumed.keys() == reference.keys()
+    for key, tensor in reference.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=1e-6, msg=key)
 
 
 def test_flags_override_the_config(run_setup, capsys):
