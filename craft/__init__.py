@@ -7,6 +7,7 @@ type. Usable on its own, like peft: nothing here imports ray, mlflow or the sear
 This folder is the method: ``tucker`` (HOSVD), ``targets`` (which projections, stacked),
 ``config``, ``adapter`` (the shared J matrices of one stack), ``layer`` (one wrapped projection),
 ``factors`` (HOSVD factors computed once, cached), ``model`` (inject, save, load, merge),
+``pretrained`` (the adapter directory, local or on the hub),
 ``budget`` (closed-form parameter counts) and ``inspection`` (spectra and costs of ranks).
 The training harness (tasks, data, run configs, trainer, baselines, jobs) is :mod:`craft.harness`;
 its public names are also reachable from here (``craft.run_job``) and load on first use.
@@ -18,7 +19,7 @@ from .adapter import CraftAdapter
 from .config import CONFIG_NAME, CraftConfig
 from .factors import Factors, check_ranks, compute_factors
 from .layer import MERGED_MEMORY_LIMIT, AdapterPart, CraftLinear, choose_compute, compute_dtype
-from .model import ADAPTER_NAME, CraftModel, adapter_dtype, find_heads, get_craft_model
+from .model import ADAPTER_NAME, FACTORS_NAME, CraftModel, adapter_dtype, find_heads, get_craft_model
 from .targets import (
     DEFAULT_TARGETS,
     SAME_WEIGHTS_RTOL,
@@ -69,6 +70,7 @@ def __getattr__(name: str):
 __all__ = [
     "ADAPTER_NAME",
     "CONFIG_NAME",
+    "FACTORS_NAME",
     "AdapterPart",
     "CraftAdapter",
     "CraftConfig",

@@ -61,6 +61,23 @@ class Factors:
             )
         return truncate(tucker, ranks)
 
+    def rebound(self, stacks: list[TargetStack], fingerprint: str) -> Factors:
+        """The same decompositions, declared for ``stacks`` of a model whose weights have
+        ``fingerprint``: for factors stored with an adapter, loaded onto the same base in another
+        dtype (the caller has checked that the weights are the same) or forced onto another.
+
+        Raises:
+            ValueError: the stacks have other names or shapes than the ones decomposed.
+        """
+        have = [(s.name, s.shape) for s in self.stacks]
+        want = [(s.name, s.shape) for s in stacks]
+        if have != want:
+            raise ValueError(
+                f"the factors decompose stacks {have} (name, layers x out x in), the model has {want}; "
+                "load the adapter onto the architecture it was trained on"
+            )
+        return Factors(list(stacks), self.tuckers, self.max_ranks, fingerprint)
+
     def _flat(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors: dict[str, torch.Tensor] = {}
         for name, t in self.tuckers.items():

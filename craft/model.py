@@ -1,37 +1,25 @@
-"""Injecting CRAFT into a model: wrap the targets, freeze the rest, save, load, merge."""
+"""Injecting CRAFT into a model: wrap the targets, freeze the rest, save, load, merge, disable."""
 
 from __future__ import annotations
 
-import json
+import copy
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .adapter import CraftAdapter
 from .config import CraftConfig
 from .factors import Factors, check_ranks
 from .layer import MERGED_MEMORY_LIMIT, AdapterPart, CraftLinear
-from .targets import (
-    DEFAULT_HEADS,
-    SAME_WEIGHTS_RTOL,
-    TargetStack,
-    find_targets,
-    sketch_distance,
-    stack_weights,
-    weights_fingerprint,
-    weights_sketch,
-)
-from .tucker import hosvd
+from .pretrained import ADAPTER_NAME, FACTORS_NAME, check_base, read_adapter, resolve_adapter_dir, write_adapter
+from .targets import DEFAULT_HEADS, TargetStack, find_targets, stack_weights, weights_fingerprint, weights_sketch
+from .tucker import Tucker, hosvd
 
-__all__ = ["CraftModel", "get_craft_model", "find_heads", "adapter_dtype", "ADAPTER_NAME"]
-
-ADAPTER_NAME = "adapter_model.safetensors"
-_FORMAT = "craft-adapter/1"
-_SKETCH_PREFIX = "base_sketch."  # weights_sketch of the base, saved beside the J matrices
+__all__ = ["CraftModel", "get_craft_model", "find_heads", "adapter_dtype", "ADAPTER_NAME", "FACTORS_NAME"]
 
 
 class CraftModel(nn.Module):
@@ -39,7 +27,10 @@ class CraftModel(nn.Module):
 
     Only the J matrices (``craft_adapters.*``) and the task head (``modules_to_save``) train.
     Calls and unknown attributes go to the wrapped model, so it trains and evaluates like it.
-    Build it with :func:`get_craft_model`.
+    Build it with :func:`get_craft_model`, or restore a saved adapter with :meth:`from_pretrained`.
+
+    As peft's ``modules_to_save``, the model keeps a frozen copy of each head as it was before
+    training (``original_heads``), so that :meth:`disable_adapter` gives the base model's outputs.
     """
 
     def __init__(
@@ -49,21 +40,26 @@ class CraftModel(nn.Module):
         factors: Factors | None = None,
         compute: str = "auto",
         merged_memory_limit: int = MERGED_MEMORY_LIMIT,
+        *,
+        _fingerprint: str | None = None,
     ):
         super().__init__()
         stacks = find_targets(model, config.target_modules)
         check_ranks(stacks, config.ranks)
-        fingerprint = weights_fingerprint(model, stacks)
+        fingerprint = _fingerprint or weights_fingerprint(model, stacks)
         if factors is not None:
             _check_factors(factors, stacks, fingerprint)
         reference = model.get_submodule(stacks[0].sites[0].module_name).weight
         dtype = adapter_dtype(config, reference.dtype)
         generator = torch.Generator().manual_seed(config.seed)
-        adapters = []
+        adapters, self._tuckers = [], {}
         for stack in stacks:
             tucker = (
                 factors.sliced(stack.name, config.ranks) if factors else hosvd(stack_weights(model, stack).cpu(), config.ranks)
             )
+            # Owned, contiguous copies at the adapter's ranks (a cache's slices would pin the whole
+            # cache): what save_pretrained stores, and what a load rebuilds the adapter from, bit for bit.
+            self._tuckers[stack.name] = tucker = _owned(tucker)
             adapters.append(CraftAdapter(tucker, config.init_scale, generator, dtype))
         self.base_model = model
         self.craft_config = config
@@ -73,9 +69,11 @@ class CraftModel(nn.Module):
         self.stacks = stacks
         self.craft_adapters = nn.ModuleList(adapters).to(reference.device)
         self.head_names = find_heads(model, config.modules_to_save, stacks)
-        self._wrap(stacks, compute, merged_memory_limit)
+        self.original_heads = nn.ModuleList(_frozen_copy(model.get_submodule(n)) for n in _outermost(self.head_names))
+        self._wrapped = self._wrap(stacks, compute, merged_memory_limit)
         self._freeze(self.head_names)
         self._input_grads = False
+        self._unloaded = False
         self._hook = model.register_forward_pre_hook(self._refresh)
 
     @property
@@ -87,7 +85,13 @@ class CraftModel(nn.Module):
             self._sketch = weights_sketch(self.base_model, self.stacks)
         return self._sketch
 
-    def _refresh(self, *_) -> None:
+    def _refresh(self, module: nn.Module, _args) -> None:
+        if module.training and torch.is_grad_enabled() and any(layer.merged for layer in self._wrapped.values()):
+            if any(p.requires_grad for p in self.craft_adapters.parameters()):
+                raise RuntimeError(
+                    "the CRAFT updates are merged into the base weights, so training would not update the J matrices; "
+                    "call unmerge() before training (and merge() again for inference)"
+                )
         # New per-pass tensors for every model call, made before any (checkpointed) layer runs.
         for adapter in self.craft_adapters:
             adapter.new_pass()
@@ -111,17 +115,19 @@ class CraftModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
 
-    def _wrap(self, stacks: list[TargetStack], compute: str, memory_limit: int) -> None:
+    def _wrap(self, stacks: list[TargetStack], compute: str, memory_limit: int) -> dict[str, CraftLinear]:
         parts: dict[str, list[AdapterPart]] = {}
         for adapter, stack in zip(self.craft_adapters, stacks):
             for layer, site in enumerate(stack.sites):
                 parts.setdefault(site.module_name, []).append(AdapterPart(adapter, layer, site.rows))
         # What the merged path holds for one step: every adapted projection's effective weight.
         elements = sum(self.base_model.get_submodule(name).weight.numel() for name in parts)
+        wrapped = {}
         for name, module_parts in parts.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-            setattr(parent, child, CraftLinear(getattr(parent, child), module_parts, compute, elements, memory_limit))
+            layer = CraftLinear(self.base_model.get_submodule(name), module_parts, compute, elements, memory_limit)
+            _set_submodule(self.base_model, name, layer)
+            wrapped[name] = layer
+        return wrapped
 
     def _freeze(self, heads: list[str]) -> None:
         for p in self.base_model.parameters():
@@ -142,15 +148,38 @@ class CraftModel(nn.Module):
         """Parameters of the task head (trained in full, counted apart from the adapter)."""
         return sum(p.numel() for n in self.head_names for p in self.base_model.get_submodule(n).parameters())
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counted as peft's ``PeftModel`` counts them.
+
+        Every parameter of this module once (tied ones once): the base model's, the J matrices
+        and the frozen copies of the heads (as peft counts a ``modules_to_save`` head twice);
+        the frozen factors are buffers and not counted.
+        """
+        trainable = total = 0
+        for _, p in self.named_parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: X || all params: Y || trainable%: Z`` in peft's format."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
     def merge(self) -> None:
         """Merge every update into its base weight (inference at base-model cost).
 
         A weight shared with another module (tied weights) is not written into: its projection
         gets a merged copy of its own, so the merged model computes what the adapted one does.
+        While merged, a forward in training mode with gradients on and J trainable raises (J
+        would get no gradient): :meth:`unmerge` before training.
         """
+        self._merge(self.craft_layers())
+
+    def _merge(self, layers: list[CraftLinear]) -> None:
         self.sketch  # noqa: B018 - of the base weights, before they change
         shared = _shared_storages(self.base_model)
-        for layer in self.craft_layers():
+        for layer in layers:
             layer.merge(untie=_storage(layer.base_layer.weight) in shared)
 
     def unmerge(self) -> None:
@@ -162,13 +191,43 @@ class CraftModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Merge the updates and return the plain transformers model, wrappers removed."""
         self.merge()
-        for name, module in list(self.base_model.named_modules()):
-            if isinstance(module, CraftLinear):
-                parent_name, _, child = name.rpartition(".")
-                parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-                setattr(parent, child, module.base_layer)
+        for name, layer in self._wrapped.items():
+            _set_submodule(self.base_model, name, layer.base_layer)
         self._hook.remove()
+        self._unloaded = True
         return self.base_model
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes the base model's outputs, as peft's ``disable_adapter``.
+
+        The wrapped projections give way to their base layers and each head to its frozen copy
+        from before training (nothing is written into a weight that autograd may have saved).
+        A merged model is unmerged for the block (peft unmerges too) and merged again on exit.
+        Everything is restored on exit, also when the block raises.
+
+        Raises:
+            ValueError: after :meth:`merge_and_unload`, which removed the adapter.
+        """
+        if self._unloaded:
+            raise ValueError(
+                "merge_and_unload() has removed the adapter: the model it returned is the merged one; "
+                "load the base model again for the base model's outputs"
+            )
+        merged = [layer for layer in self._wrapped.values() if layer.merged]
+        for layer in merged:
+            layer.unmerge()
+        swapped: list[tuple[str, nn.Module]] = []  # (name, the module to put back)
+        try:
+            for name, layer in self._wrapped.items():
+                swapped.append((name, _set_submodule(self.base_model, name, layer.base_layer)))
+            for name, original in zip(_outermost(self.head_names), self.original_heads):
+                swapped.append((name, _set_submodule(self.base_model, name, original)))
+            yield
+        finally:
+            for name, module in reversed(swapped):
+                _set_submodule(self.base_model, name, module)
+            self._merge(merged)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """J matrices by ``{target}.j_{axis}`` and head weights by ``head.{name}``."""
@@ -181,54 +240,75 @@ class CraftModel(nn.Module):
                 state[f"head.{head}.{key}"] = value.detach()
         return state
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the J matrices and head (safetensors), the config and the base fingerprint."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.craft_config.save(directory)
-        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        tensors.update({f"{_SKETCH_PREFIX}{name}": sketch for name, sketch in self.sketch.items()})
-        meta = {"format": _FORMAT, "fingerprint": self.fingerprint, "targets": json.dumps(self.target_names)}
-        save_file(tensors, str(directory / ADAPTER_NAME), metadata=meta)
-        return directory
+    def factors(self) -> Factors:
+        """The HOSVD factors the adapter was built on, at its ranks (float64, on the CPU)."""
+        return Factors(list(self.stacks), dict(self._tuckers), self.craft_config.ranks, self.fingerprint)
+
+    def save_pretrained(self, directory: str | Path, save_factors: bool = True) -> Path:
+        """Write the adapter directory: config, J matrices and head (safetensors), base fingerprint.
+
+        Args:
+            directory: created if missing.
+            save_factors: also write the factors at the adapter's ranks (``craft_factors.safetensors``,
+                float64: per projection type r_L r_out r_in + L r_L + d_out r_out + d_in r_in
+                floats plus the spectra), so that loading runs no HOSVD; False leaves them out and
+                :meth:`from_pretrained` recomputes them from the base weights.
+        """
+        factors = self.factors() if save_factors else None
+        return write_adapter(
+            directory, self.craft_config, self.adapter_state_dict(), self.sketch, self.fingerprint, self.target_names, factors
+        )
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path, factors: Factors | None = None) -> CraftModel:
-        """Restore an adapter saved by :meth:`save_pretrained` onto its base ``model``.
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path_or_id: str | Path,
+        is_trainable: bool = False,
+        *,
+        factors: Factors | None = None,
+        force: bool = False,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | None = None,
+        compute: str = "auto",
+        merged_memory_limit: int = MERGED_MEMORY_LIMIT,
+    ) -> CraftModel:
+        """Restore an adapter saved by :meth:`save_pretrained` onto its base ``model``, as peft's
+        ``PeftModel.from_pretrained``.
 
         ``model`` may hold the base weights in another dtype or on another device: it counts as
         the same base when every target weight is within :data:`~craft.targets.SAME_WEIGHTS_RTOL`
-        (relative Frobenius distance) of the saved one's.
+        (relative Frobenius distance) of the saved one's. The stored factors are used when the
+        directory has them (no HOSVD); older directories without them recompute the HOSVD.
+
+        Args:
+            model: the base model the adapter was trained on; modified in place.
+            path_or_id: a local adapter directory, or a Hugging Face Hub repository id (only the
+                adapter's files are fetched; ``HF_HUB_OFFLINE=1`` reads the hub cache only).
+            is_trainable: False (peft's default): J and the heads are frozen and the model is in
+                eval mode, for inference; True: they train, as after :func:`get_craft_model`.
+            factors: precomputed factors (a sweep's cache) to slice instead of the stored ones.
+            force: load onto weights that are not the adapter's base (a warning instead of an error).
+            revision, cache_dir, token: passed to ``huggingface_hub`` for a hub id.
+            compute, merged_memory_limit: as in :func:`get_craft_model`.
 
         Raises:
-            ValueError: the directory holds no adapter, or ``model`` is not the base model
-                the adapter was trained on (its target weights differ).
+            ValueError: the directory holds no adapter, the hub id cannot be fetched, or ``model``
+                is not the base model the adapter was trained on (and ``force`` is False).
         """
-        directory = Path(directory)
-        path = directory / ADAPTER_NAME
-        if not path.is_file():
-            raise ValueError(f"no {ADAPTER_NAME} in {directory}; pass a directory written by CraftModel.save_pretrained")
-        config = CraftConfig.load(directory)
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a CRAFT adapter ({_FORMAT}); save it with CraftModel.save_pretrained")
-        sketch = {k.removeprefix(_SKETCH_PREFIX): tensors.pop(k) for k in list(tensors) if k.startswith(_SKETCH_PREFIX)}
-        stacks = find_targets(model, config.target_modules)
-        found, found_sketch = weights_fingerprint(model, stacks), None
-        if found != meta["fingerprint"]:
-            found_sketch = weights_sketch(model, stacks) if sketch else None
-            distance = sketch_distance(found_sketch, sketch) if sketch else float("inf")
-            if distance > SAME_WEIGHTS_RTOL:
-                away = f"a target weight is {distance:.2%} away" if distance < float("inf") else "the weights differ"
-                raise ValueError(
-                    f"the adapter in {directory} was trained on another base model ({away}; the same base in another "
-                    f"dtype is within {SAME_WEIGHTS_RTOL:.2%}); load it onto the model it was saved from"
-                )
-        craft = cls(model, config, factors)
+        saved = read_adapter(resolve_adapter_dir(path_or_id, revision, cache_dir, token))
+        stacks = find_targets(model, saved.config.target_modules)
+        found = weights_fingerprint(model, stacks)
+        found_sketch = check_base(saved, model, stacks, found, force)
+        if factors is None and saved.factors is not None:
+            factors = saved.factors.rebound(stacks, found)  # checked above: the same base, or forced
+        craft = cls(model, saved.config, factors, compute, merged_memory_limit, _fingerprint=found)
         craft._sketch = found_sketch  # None: made when first needed
-        craft.load_adapter_state_dict(tensors)
+        craft.load_adapter_state_dict(saved.state)
+        if not is_trainable:
+            craft.requires_grad_(False)
+            craft.eval()
         return craft
 
     @torch.no_grad()
@@ -273,6 +353,33 @@ def _checkpointing(model: nn.Module) -> bool:
     """Whether a transformers model has activation checkpointing on (False for other modules)."""
     on = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
     return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+
+
+def _owned(tucker: Tucker) -> Tucker:
+    def own(t: torch.Tensor) -> torch.Tensor:
+        return t.clone(memory_format=torch.contiguous_format)
+
+    return Tucker(own(tucker.core), [own(f) for f in tucker.factors], [own(s) for s in tucker.spectra])
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    original = copy.deepcopy(module)
+    original.requires_grad_(False)
+    return original
+
+
+def _outermost(names: list[str]) -> list[str]:
+    """The names not inside another of ``names`` (a head nested in a head is swapped with it)."""
+    return [n for n in names if not any(n.startswith(m + ".") for m in names)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` in ``model``; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
 
 
 def _storage(t: torch.Tensor) -> int:
