@@ -46,9 +46,10 @@ from common import emit, log  # benchmarks/common.py, beside this script
 
 from craft.harness.hub import load_model
 from craft.harness.tasks import load_task, tweets_csv_path
+from search.model_facts import check_against_model
 from search.names import ADAPTER_PARAMETERS, FINAL_SCORE, REPORTED_AT, SCORE, STEP
 from search.results.pareto import ParetoTrial, hypervolume
-from search.spec import check_against_model, spec_from_dict
+from search.spec import spec_from_dict
 from search.sweep import run_sweep
 
 STRATEGIES = {  # name -> (sampler, scheduler)

@@ -42,7 +42,8 @@ from transformers import RobertaConfig, RobertaForSequenceClassification
 
 import craft
 from search.factor_cache import FactorCache, fetch_factors, publish_factors
-from search.spec import FactorRequest, load_sweep_spec
+from search.model_facts import FactorRequest
+from search.spec import load_sweep_spec
 from search.sweep import SweepResult, run_sweep
 
 SPEC = Path(__file__).resolve().parent.parent / "spaces" / "smoke.yaml"

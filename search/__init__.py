@@ -5,12 +5,13 @@ schedulers (MO-ASHA, ASHA, the compute budget) are in :mod:`search.schedulers`, 
 """
 
 from .cli import main
+from .model_facts import check_against_model
 from .production import train_distributed
 from .results.export import Pick, choose_trials, export_configs, parse_pick
 from .results.pareto import ParetoTrial, SweepTable, hypervolume, load_sweep, pareto_front
 from .results.report import FrontReport, report_front
 from .space import Domain, SpaceSampler
-from .spec import ResourcesBlock, SearchBlock, SweepSpec, check_against_model, load_sweep_spec
+from .spec import ResourcesBlock, SearchBlock, SweepSpec, load_sweep_spec
 from .storage import SweepStore
 from .sweep import SweepResult, TrialSummary, run_sweep, stored_spec
 from .warm_start import WarmStart, load_warm_start

@@ -20,7 +20,7 @@ import ray
 from craft.factors import Factors, compute_factors
 from craft.targets import find_targets, weights_fingerprint
 
-from .spec import FactorRequest
+from .model_facts import FactorRequest
 
 __all__ = ["FactorCache", "default_cache_dir", "factor_key", "cached_factors", "publish_factors", "fetch_factors"]
 

@@ -35,9 +35,10 @@ from craft.harness.tasks import load_task
 
 from .envvars import environment
 from .layout import DEFAULT_STORAGE, STUDY_FILE, SUMMARY_FILE, SWEEP_FILE
+from .model_facts import check_against_model
 from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, SCORE, STEP, TRIAL_ID_TAG
 from .plan import describe_methods
-from .spec import SweepSpec, check_against_model, spec_changes, spec_from_dict
+from .spec import SweepSpec, spec_changes, spec_from_dict
 from .storage import SweepStore, resolve_storage
 from .tracking.queue import PARENT, PENDING_FILE, TrackingQueue, TrackingUnavailable, keep_pending, tracking_queue
 from .tracking.runs import RunTracker, check_tracking_uri, resolve_tracking_uri

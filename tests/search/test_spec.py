@@ -8,8 +8,9 @@ import yaml
 
 from craft.harness.hub import TINY_MODEL, load_model
 from search.cli import main
+from search.model_facts import check_against_model
 from search.space import Domain, parse_domain
-from search.spec import check_against_model, load_sweep_spec, spec_from_dict
+from search.spec import load_sweep_spec, spec_from_dict
 from spaces import preset_path
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
