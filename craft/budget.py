@@ -4,8 +4,10 @@ A search prices a configuration before sampling its last rank (the parameter bud
 so the counts are closed forms. Each matches what :func:`craft.harness.methods.apply_method` trains
 outside the head (checked in the tests):
 
-- CRAFT: ``n_types * (rank_layers^2 + rank_out^2 + rank_in^2)``
-- LoRA / PiSSA: ``r * sum(in + out)`` over the adapted modules (a fused module counts whole)
+- CRAFT: ``n_types * (rank_layers^2 + rank_out^2 + rank_in^2)``, n_types the stacks :func:`find_targets`
+  gives (an encoder-decoder's q and v: 6, encoder self, decoder self and decoder cross-attention)
+- LoRA / PiSSA: ``r * sum(in + out)`` over the adapted modules, each once (a fused module counts whole,
+  whether CRAFT splits it in thirds or per head)
 - VeRA: ``sum(r + out)`` over the adapted modules (two scaling vectors each)
 - head: 0
 """

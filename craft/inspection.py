@@ -112,17 +112,21 @@ def format_report(report: ModelReport, source: str = "") -> str:
         f"class: {report.model_class}, {report.num_parameters / 1e6:.1f}M parameters",
         f"targets ({'detected' if report.auto_targets else 'given'}): {', '.join(report.targets)}  (n_p = {len(report.targets)})",
     ]
+    name_width = max([10] + [len(s.name) for s in report.stacks])  # long names: an encoder-decoder's stacks
     for s in report.stacks:
         lines.append(
-            f"  {s.name:<10} stack {s.shape[0]} x {s.shape[1]} x {s.shape[2]} (layers x out x in)  "
+            f"  {s.name:<{name_width}} stack {s.shape[0]} x {s.shape[1]} x {s.shape[2]} (layers x out x in)  "
             f"{s.first_module} .. {s.last_module}"
         )
     lines += ["", "Energy kept per mode (share of the squared norm on the leading r singular vectors of each unfolding):"]
     for s in report.stacks:
         for axis in AXES:
             cells = "  ".join(f"r={r}: {e:6.1%}" for r, e in s.energy[axis].items())
-            lines.append(f"  {s.name}/{axis:<6} {cells}")
-    header = f"  {'rank_layers/out/in':<20}{'adapter params':>15}" + "".join(f"{'kept ' + s.name:>16}" for s in report.stacks)
+            lines.append(f"  {s.name + '/' + axis:<{name_width + 7}} {cells}")
+    widths = [max(16, len(s.name) + 7) for s in report.stacks]  # "kept " + name and two spaces
+    header = f"  {'rank_layers/out/in':<20}{'adapter params':>15}" + "".join(
+        f"{'kept ' + s.name:>{w}}" for s, w in zip(report.stacks, widths)
+    )
     lines += [
         "",
         "Candidate ranks (adapter params = n_p x (r_layers^2 + r_out^2 + r_in^2), head apart; kept = stack energy in the truncated Tucker):",
@@ -130,5 +134,8 @@ def format_report(report: ModelReport, source: str = "") -> str:
     ]
     for t in report.candidates:
         k = _key(t)
-        lines.append(f"  {k:<20}{report.adapter_parameters[k]:>15,}" + "".join(f"{s.fit[k]:>16.1%}" for s in report.stacks))
+        lines.append(
+            f"  {k:<20}{report.adapter_parameters[k]:>15,}"
+            + "".join(f"{s.fit[k]:>{w}.1%}" for s, w in zip(report.stacks, widths))
+        )
     return "\n".join(lines)

@@ -2,12 +2,12 @@
 
 :class:`CraftLinear` wraps one ``nn.Linear`` or GPT-2 ``Conv1D`` and adds the update
 U_out M_l U_in^T x of each part it carries (a fused projection such as ``c_attn`` carries one
-part per adapted slice); M_l comes from the shared :class:`~craft.adapter.CraftAdapter`. Two
-equivalent ways to compute it (see :func:`choose_compute`):
+part per adapted slice, its rows contiguous or interleaved per head); M_l comes from the shared
+:class:`~craft.adapter.CraftAdapter`. Two equivalent ways to compute it (see :func:`choose_compute`):
 
 * ``factored``: y = base(x) + (x U_in) P_l with P_l = M_l^T U_out^T (r_in, d_out), computed for
   all layers in one product per pass; per projection one matmul and one addmm (the add fused).
-  A fused projection's slice gets P_l padded with zero columns to the full output.
+  A fused projection's part gets P_l spread with zero columns to the full output.
 * ``merged``: y = x (W_l + U_out M_l U_in^T)^T through :class:`_MergedLinear`, whose backward
   gets dM = (dy U_out)^T (x U_in) directly, never the d_out x d_in weight gradient. It holds
   one d_out x d_in weight per projection per step and wins once a batch holds a few hundred
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .adapter import CraftAdapter
-from .targets import is_conv1d
+from .layouts import Rows, add_rows_, is_conv1d, select_rows, spread_rows
 
 __all__ = [
     "CraftLinear",
@@ -55,11 +55,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 @dataclass
 class AdapterPart:
     """One adapted slice of a wrapped projection: layer ``layer`` of ``adapter``'s stack,
-    written into output rows ``rows`` (the whole output when None)."""
+    written into output rows ``rows`` (the whole output when None; see :class:`~craft.targets.Site`)."""
 
     adapter: CraftAdapter
     layer: int
-    rows: tuple[int, int] | None = None
+    rows: Rows | None = None
 
 
 def choose_compute(
@@ -146,8 +146,7 @@ class CraftLinear(nn.Module):
         weight = self.base_weight()
         delta = torch.zeros(weight.shape, dtype=self._parts[0].adapter.dtype, device=weight.device)
         for part in self._parts:
-            lo, hi = part.rows or (0, weight.shape[0])
-            delta[lo:hi] += part.adapter.delta_weight(part.layer)
+            add_rows_(delta, part.rows or (0, weight.shape[0]), part.adapter.delta_weight(part.layer))  # (d_part, in)
         return delta
 
     @torch.no_grad()
@@ -217,13 +216,22 @@ class CraftLinear(nn.Module):
         rows_in = _as(rows_in, dtype)
         for p in self._parts:
             projected = rows_in @ p.adapter.factors(dtype)[1]  # x U_in: (N, r_in)
-            pad = (0, 0) if p.rows is None else (p.rows[0], width - p.rows[1])
-            projection = p.adapter.projection(p.layer, dtype, pad)  # (r_in, out)
+            projection = _full_projection(p, dtype, width)  # (r_in, out)
             if out._is_view():  # in place on a view would cost autograd a copy of the output
                 out = torch.addmm(out, projected, projection)  # + (x U_in) P_l: (N, out)
             else:
                 out.addmm_(projected, projection)  # += (x U_in) P_l, one kernel: (N, out)
         return out.view(*x.shape[:-1], width)
+
+
+def _full_projection(part: AdapterPart, dtype: torch.dtype, width: int) -> torch.Tensor:
+    """P_l of a part with zero columns outside its rows: (r_in, width). Contiguous rows are padded
+    once per pass for every layer by the adapter; interleaved rows are spread here."""
+    rows = part.rows
+    if rows is None or len(rows) == 2:
+        pad = (0, 0) if rows is None else (rows[0], width - rows[1])
+        return part.adapter.projection(part.layer, dtype, pad)  # (r_in, width)
+    return spread_rows(part.adapter.projection(part.layer, dtype), rows, width)  # (r_in, d_part) -> (r_in, width)
 
 
 def _base_2d(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -262,9 +270,12 @@ class _MergedLinear(torch.autograd.Function):
                 left = u_out @ mid  # (d_out, r_in)
                 if rows is None:
                     eff = torch.addmm(eff, left, u_in.T)  # W + U_out M U_in^T: (out, in), a new tensor
-                else:
+                elif len(rows) == 2:
                     eff = eff.clone() if eff is weight else eff
                     eff[rows[0] : rows[1]].addmm_(left, u_in.T)  # (d_out, d_in) block of the fused weight
+                else:
+                    eff = eff.clone() if eff is weight else eff
+                    add_rows_(eff, rows, left @ u_in.T)  # (d_part, d_in) interleaved rows of the fused weight
             y = F.linear(rows_in, eff, None if bias is None else _as(bias, dtype))  # (..., out)
             need = list(ctx.needs_input_grad[5:])
             projected = [rows_in @ u_in if n else None for (_, _, u_in), n in zip(spec, need)]  # (..., r_in)
@@ -287,7 +298,7 @@ class _MergedLinear(torch.autograd.Function):
                 grads.append(None)
                 continue
             a = next(it)  # (..., r_in)
-            g = (flat if rows is None else flat[:, rows[0] : rows[1]]) @ u_out  # (N, r_out)
+            g = (flat if rows is None else select_rows(flat, rows, dim=1)) @ u_out  # (N, r_out)
             grads.append(g.T @ a.reshape(-1, a.shape[-1]))  # dM: (r_out, r_in)
         return (dx, dw, db, None, None, *grads)
 

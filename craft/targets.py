@@ -1,8 +1,18 @@
 """Finding a model's target projections and stacking them across layers.
 
-A projection type ("query", "q_proj", "c_attn:v") names one module per layer by suffix. Its
-modules, in model order, form a stack of weights (layers, out, in). Fused projections such as
-GPT-2's ``c_attn`` (a Conv1D holding q, k and v side by side) are split as ``c_attn:q|k|v``.
+A target names projection modules by the end of their names: "query", "q_proj",
+"SelfAttention.q", or "encoder.block.*.layer.*.SelfAttention.q" ("*" stands for one part of a
+name, a layer index). A fused projection's part is "c_attn:q", "query_key_value:v" (see
+:mod:`craft.layouts` for the layouts CRAFT can split). Detected targets (none given) are the
+query and value projections: :func:`craft.layouts.default_targets`.
+
+A target's modules form stacks of weights (layers, out, in), one per stack of blocks: modules
+whose names differ only in their numbers (layer indices) are one stack. An encoder-decoder's
+encoder self-attention, decoder self-attention and decoder cross-attention are three stacks. A
+target that selects one stack names it; one that selects several (T5's "q") gives each a name
+from its modules' names, numbers starred, from the part that holds the layers on:
+"encoder.block.*.layer.*.SelfAttention.q", "decoder.layers.*.encoder_attn.q_proj". Each such
+name is itself a target that selects that stack alone.
 """
 
 from __future__ import annotations
@@ -13,12 +23,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layouts import (
+    DEFAULT_TARGETS,
+    Rows,
+    default_targets,
+    fused_rows,
+    is_conv1d,
+    is_projection,
+    out_in,
+    part_row_indices,
+    select_rows,
+)
+
 __all__ = [
     "Site",
     "TargetStack",
     "DEFAULT_TARGETS",
     "DEFAULT_HEADS",
     "find_targets",
+    "module_names",
     "stack_weights",
     "weights_fingerprint",
     "weights_sketch",
@@ -28,15 +51,8 @@ __all__ = [
     "is_conv1d",
 ]
 
-# Query / value projections of the common layouts, in order of preference.
-DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
-    ("query", "value"),  # BERT, RoBERTa, ELECTRA (and ViT before transformers 5)
-    ("q_lin", "v_lin"),  # DistilBERT
-    ("q_proj", "v_proj"),  # LLaMA, Mistral, Qwen2 (grouped-query k/v), ViT in transformers 5, OPT, CLIP
-    ("c_attn:q", "c_attn:v"),  # GPT-2 fused Conv1D
-)
 DEFAULT_HEADS: tuple[str, ...] = ("classifier", "score", "pre_classifier", "qa_outputs")
-_FUSED_PARTS = {"q": 0, "k": 1, "v": 2}
+_FUSED_PARTS = ("q", "k", "v")
 # Base weights count as the same when every target weight is within this relative distance
 # (Frobenius norm) of the one an adapter was saved with: rounding to bf16 moves a weight by at
 # most 2^-9 of itself, fp16 by 2^-12, so the same checkpoint in any dtype passes with room to spare.
@@ -47,10 +63,15 @@ _SKETCH_SEED = 20261130
 
 @dataclass(frozen=True)
 class Site:
-    """One layer's piece of a projection type: a module and the output rows it contributes."""
+    """One layer's piece of a projection type: a module and the output rows it contributes.
+
+    ``rows``: None for the whole output, ``(start, stop)`` for a contiguous slice of a fused
+    projection, ``(start, stop, period)`` for rows start..stop of every block of ``period`` rows
+    (a per-head interleaved fused projection).
+    """
 
     module_name: str
-    rows: tuple[int, int] | None = None
+    rows: Rows | None = None
 
 
 @dataclass(frozen=True)
@@ -62,32 +83,39 @@ class TargetStack:
     shape: tuple[int, int, int]  # (layers, out, in)
 
 
-def is_projection(module: nn.Module) -> bool:
-    """True for the module kinds CRAFT can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+def _matches(name: str, pattern: str) -> bool:
+    """Whether ``pattern``'s dot-separated parts end ``name``'s, "*" matching any one part."""
+    want, have = pattern.split("."), name.split(".")
+    return len(want) <= len(have) and all(w in ("*", h) for w, h in zip(want, have[len(have) - len(want) :]))
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' ``Conv1D`` (GPT-2's projections, weight stored in x out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+def _stack_key(name: str) -> str:
+    """A module's name with its numbers starred: the same for every layer of one stack."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
 
 
-def _out_in(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
-    return (w.shape[0], w.shape[1]) if isinstance(module, nn.Linear) else (w.shape[1], w.shape[0])
+def _stack_names(keys: list[str]) -> dict[str, str]:
+    """Short unique names for several stacks: each key from the part that holds the layers on
+    (``encoder`` of ``transformer.encoder.block.*``), longer where two would be the same."""
+    split = {k: k.split(".") for k in keys}
+    start = {k: max(0, (parts.index("*") if "*" in parts else len(parts)) - 2) for k, parts in split.items()}
+    while True:
+        names = {k: ".".join(split[k][start[k] :]) for k in keys}
+        clash = {k for k in keys if list(names.values()).count(names[k]) > 1 and start[k] > 0}
+        if not clash:
+            return names
+        for k in clash:
+            start[k] -= 1
 
 
-def _matches(name: str, suffix: str) -> bool:
-    return name == suffix or name.endswith("." + suffix)
-
-
-def _resolve(model: nn.Module, target: str) -> TargetStack | None:
-    suffix, _, part = target.partition(":")
+def _resolve(model: nn.Module, target: str) -> list[TargetStack]:
+    pattern, _, part = target.partition(":")
     if part and part not in _FUSED_PARTS:
-        raise ValueError(f"target {target!r}: the part after ':' must be q, k or v (a fused qkv projection split in thirds)")
-    sites, shapes, seen = [], [], {}
+        raise ValueError(f"target {target!r}: the part after ':' must be q, k or v (a fused qkv projection's part)")
+    groups: dict[str, list[tuple[str, nn.Module]]] = {}
+    seen: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if not _matches(name, suffix):
+        if not name or not _matches(name, pattern):
             continue
         if id(module) in seen:
             raise ValueError(
@@ -100,73 +128,82 @@ def _resolve(model: nn.Module, target: str) -> TargetStack | None:
                 f"target {target!r} matches {name}, a {type(module).__name__}; CRAFT wraps nn.Linear and "
                 "Conv1D projections: name a projection module in target_modules"
             )
-        d_out, d_in = _out_in(module)
-        rows = None
-        if part:
-            if d_out % 3:
-                raise ValueError(
-                    f"target {target!r}: {name} has {d_out} outputs, not three equal q/k/v blocks; name an unfused projection"
-                )
-            third = d_out // 3
-            rows = (_FUSED_PARTS[part] * third, (_FUSED_PARTS[part] + 1) * third)
-            d_out = third
-        sites.append(Site(name, rows))
-        shapes.append((d_out, d_in))
-    if not sites:
-        return None
+        groups.setdefault(_stack_key(name), []).append((name, module))
+    names = {next(iter(groups)): target} if len(groups) == 1 else _stack_names(list(groups))
+    suffix = f":{part}" if part and len(groups) > 1 else ""
+    return [_stack(model, target, names[key] + suffix, members, part) for key, members in groups.items()]
+
+
+def _stack(model: nn.Module, target: str, name: str, members: list[tuple[str, nn.Module]], part: str) -> TargetStack:
+    sites, shapes = [], []
+    for module_name, module in members:
+        d_out, d_in = out_in(module)
+        rows = fused_rows(model, module_name, target)[part] if part else None
+        sites.append(Site(module_name, rows))
+        shapes.append((len(part_row_indices(rows, d_out)), d_in))
     for site, shape in zip(sites, shapes):
         if shape != shapes[0]:
             raise ValueError(
-                f"cannot stack target {target!r}: {sites[0].module_name} is {shapes[0][0]}x{shapes[0][1]} (out x in) but "
+                f"cannot stack target {name!r}: {sites[0].module_name} is {shapes[0][0]}x{shapes[0][1]} (out x in) but "
                 f"{site.module_name} is {shape[0]}x{shape[1]}; list in target_modules suffixes that select layers of equal shape"
             )
-    return TargetStack(target, tuple(sites), (len(sites), *shapes[0]))
+    return TargetStack(name, tuple(sites), (len(sites), *shapes[0]))
 
 
 def find_targets(model: nn.Module, target_modules: list[str] | None = None) -> list[TargetStack]:
-    """The projection types to adapt, with their modules in layer order.
+    """The projection stacks to adapt, with their modules in layer order.
 
     Args:
         model: any ``nn.Module`` (a Hugging Face model, usually).
-        target_modules: module-name suffixes, or None to detect the query and value
-            projections of a known layout.
+        target_modules: targets (module-name ends, "*" for a layer index, ":q|k|v" for a
+            fused projection's part), or None to detect the query and value projections
+            (:func:`craft.layouts.default_targets`).
+
+    Returns:
+        One stack per target and stack of blocks: a target whose modules lie in several stacks
+        of blocks (an encoder-decoder's self- and cross-attention) gives several.
 
     Raises:
-        ValueError: no target found, a target is not a projection, shapes differ across
-            layers, or two targets claim the same rows of a module.
+        ValueError: no target found, a target is not a projection, a fused layout is not
+            known, shapes differ across layers, or two targets claim the same rows of a module.
     """
-    if target_modules is None:
-        for pair in DEFAULT_TARGETS:
-            stacks = [_resolve(model, t) for t in pair]
-            if all(stacks):
-                return stacks  # type: ignore[return-value]
-        raise ValueError(
-            f"no query/value projections found in {type(model).__name__} (looked for {[list(p) for p in DEFAULT_TARGETS]}); "
-            "pass target_modules with the names of its projection modules"
-        )
+    detected = target_modules is None
     stacks = []
-    for target in target_modules:
-        stack = _resolve(model, target)
-        if stack is None:
+    for target in default_targets(model) if detected else target_modules:
+        found = _resolve(model, target)
+        if not found:
             raise ValueError(
                 f"target {target!r} matches no module of {type(model).__name__}; pass target_modules naming existing "
                 "projection modules (e.g. 'query', 'q_proj', 'c_attn:q')"
             )
-        stacks.append(stack)
+        stacks.extend(found)
     _check_disjoint(stacks)
     return stacks
 
 
+def module_names(stacks: list[TargetStack]) -> list[str]:
+    """Full names of the modules the stacks adapt, each once, in order: the same projections as
+    exact ``target_modules`` for peft (a fused projection counts whole)."""
+    return list(dict.fromkeys(site.module_name for stack in stacks for site in stack.sites))
+
+
 def _check_disjoint(stacks: list[TargetStack]) -> None:
-    claimed: dict[str, list[tuple[tuple[int, int] | None, str]]] = {}
+    claimed: dict[str, list[tuple[set[int] | None, str]]] = {}
     for stack in stacks:
         for site in stack.sites:
-            for rows, other in claimed.get(site.module_name, []):
-                if rows is None or site.rows is None or (site.rows[0] < rows[1] and rows[0] < site.rows[1]):
+            rows = None if site.rows is None else set(part_row_indices(site.rows, _d_out_of(site, stack)))
+            for other_rows, other in claimed.get(site.module_name, []):
+                if rows is None or other_rows is None or rows & other_rows:
                     raise ValueError(
                         f"targets {other!r} and {stack.name!r} both adapt {site.module_name}; list each projection once"
                     )
-            claimed.setdefault(site.module_name, []).append((site.rows, stack.name))
+            claimed.setdefault(site.module_name, []).append((rows, stack.name))
+
+
+def _d_out_of(site: Site, stack: TargetStack) -> int:
+    """How many output rows of a part's module its rows span (the module's d_out for interleaved rows)."""
+    lo, hi, *period = site.rows
+    return stack.shape[1] // (hi - lo) * period[0] if period else hi
 
 
 def _site_weight(model: nn.Module, site: Site) -> torch.Tensor:
@@ -174,7 +211,7 @@ def _site_weight(model: nn.Module, site: Site) -> torch.Tensor:
     module = getattr(module, "base_layer", module)  # a wrapped projection (CRAFT's, peft's): its base
     weight = module.weight if isinstance(module, nn.Linear) else module.weight.T  # (out, in)
     if site.rows is not None:
-        weight = weight[site.rows[0] : site.rows[1]]
+        weight = select_rows(weight, site.rows)  # (d_part, in)
     return weight.detach()
 
 

@@ -100,3 +100,15 @@ def test_save_load_round_trip(tiny, layout, tmp_path):
     for a, b in zip(loaded.craft_adapters, cm.craft_adapters):
         for axis in ("layers", "out", "in"):
             assert torch.equal(getattr(a, f"j_{axis}"), getattr(b, f"j_{axis}"))
+
+
+def test_a_stack_is_selected_by_its_starred_module_name(layout):
+    """A target with the layer numbers starred ("encoder.layer.*.attention.self.query") selects the
+    same stack as the detected name, which existing configs, adapters and factor caches keep using."""
+    model, _ = layout.build()
+    for stack in craft.find_targets(model):
+        starred = ".".join("*" if part.isdigit() else part for part in stack.sites[0].module_name.split("."))
+        fused_part = stack.name.partition(":")[2]
+        (same,) = craft.find_targets(model, [f"{starred}:{fused_part}" if fused_part else starred])
+        assert same.name == (f"{starred}:{fused_part}" if fused_part else starred)
+        assert same.sites == stack.sites and same.shape == stack.shape
