@@ -163,6 +163,7 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, cache_name: str | None
     run_dir.mkdir(parents=True, exist_ok=True)
     run = spec.run_config(config, str(run_dir))
     run.tracking.enabled = False  # the driver tracks every trial (one writer per MLflow run)
+    run.save_factors = False  # the sweep's factor cache holds them; a trial's adapter stays small
     note = _device_line(run.train.device)
     if note:
         logger.warning(note)
@@ -190,7 +191,7 @@ def run_trial(config: dict[str, Any], *, spec: SweepSpec, cache_name: str | None
             return
         metrics = metrics_of(event)
         began = time.perf_counter()
-        save_adapter(prepared.adapted, run_dir / "adapter")  # the adapter as it is at this evaluation
+        save_adapter(prepared.adapted, run_dir / "adapter", save_factors=False)  # J and head at this evaluation
         (run_dir / METRICS_FILE).write_text(json.dumps({"complete": False, **metrics}, indent=2, default=str) + "\n")
         storage.upload(run_dir)
         storage.save_checkpoint(scratch / "checkpoint", event.step)

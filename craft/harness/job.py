@@ -182,7 +182,7 @@ def run_job(
     if "test" in tokenized and not result.stopped_early:
         scored = evaluate(adapted, tokenized, task.spec, run.train, tokenizer, metrics_fn=metrics_fn, splits=("test",))
         test = {k: v for k, v in scored.items() if k.startswith("test/")}  # its bare "score" is the validation's name
-    adapter_dir = save_adapter(adapted, out / "adapter") if main else out / "adapter"
+    adapter_dir = save_adapter(adapted, out / "adapter", run.save_factors) if main else out / "adapter"
     merged_dir = None
     if run.save_merged and not result.stopped_early and main:
         merged_dir = out / "merged"

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..factors import Factors
 from ..model import CraftModel, find_heads, get_craft_model
-from ..targets import find_targets, is_conv1d
+from ..targets import find_targets, is_conv1d, module_names
 from .runconfig import RunConfig
 
 __all__ = ["AdaptedModel", "apply_method", "parameter_groups", "save_adapter", "merged_model", "HEAD_WEIGHTS_NAME"]
@@ -107,7 +107,7 @@ def _apply_peft(model: nn.Module, run: RunConfig, heads_setting: list[str] | Non
 
     block = run.method_block()
     stacks = find_targets(model, block.target_modules)
-    targets = list(dict.fromkeys(s.name.partition(":")[0] for s in stacks))  # c_attn:q, c_attn:v -> c_attn
+    targets = module_names(stacks)  # exact names: c_attn:q, c_attn:v -> the whole c_attn of each layer
     conv1d = any(is_conv1d(model.get_submodule(site.module_name)) for s in stacks for site in s.sites)
     heads = find_heads(model, heads_setting, stacks) or None
     if run.method == "vera":
@@ -187,10 +187,10 @@ def parameter_groups(adapted: AdaptedModel, lr: float, head_lr: float, weight_de
     return groups
 
 
-def save_adapter(adapted: AdaptedModel, directory: str | Path) -> Path:
+def save_adapter(adapted: AdaptedModel, directory: str | Path, save_factors: bool = True) -> Path:
     """Write the trained adapter and head as safetensors (plus the method's config) to ``directory``.
 
-    craft: :meth:`CraftModel.save_pretrained`. lora, vera: peft's ``save_pretrained``. pissa:
+    craft: :meth:`CraftModel.save_pretrained`, with the HOSVD factors unless ``save_factors`` is off. lora, vera: peft's ``save_pretrained``. pissa:
     converted by peft into a plain LoRA adapter of rank 2r that applies to the *original* base
     weights (not the residual ones). head: the head's weights in ``head_model.safetensors``.
     """
@@ -198,7 +198,7 @@ def save_adapter(adapted: AdaptedModel, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model = adapted.model
     if adapted.method == "craft":
-        return model.save_pretrained(directory)
+        return model.save_pretrained(directory, save_factors=save_factors)
     if adapted.method == "head":
         state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if n in adapted.head_parameter_names}
         save_file(state, str(directory / HEAD_WEIGHTS_NAME), metadata={"method": "head", "names": json.dumps(sorted(state))})

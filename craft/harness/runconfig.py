@@ -194,6 +194,7 @@ class RunConfig:
     tracking: TrackingBlock = field(default_factory=TrackingBlock)
     output_dir: str = "runs/latest"
     save_merged: bool = False  # also write the merged model (transformers format)
+    save_factors: bool = True  # craft: keep the HOSVD factors with the adapter (loading runs no HOSVD)
     provenance: dict | None = None  # where an exported config came from (sweep, trial, score)
 
     def __post_init__(self) -> None:
@@ -203,6 +204,9 @@ class RunConfig:
             raise ValueError("model must be a local path, a hub id, or 'demo'")
         if not isinstance(self.task, str) or not self.task:
             raise ValueError("task must name a task: glue/<name>, tweets, csv:PATH, json:PATH or parquet:PATH")
+        for flag in ("save_merged", "save_factors"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.method == "craft" and self.craft is None:
             raise ValueError("method craft needs a craft block with rank_layers, rank_out and rank_in")
 

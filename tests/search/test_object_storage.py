@@ -88,7 +88,7 @@ def test_a_sweep_on_s3_resumes_from_a_fresh_directory_and_serves_pareto_export_a
     check_study(f"sqlite:///{study_copy}", summary)
 
     # Every trial's run/ is in the bucket: config, metrics, and an adapter that loads.
-    from craft.model import CraftModel
+    from craft.model import FACTORS_NAME, CraftModel
 
     loaded = set()
     for trial in summary["trials"]:
@@ -103,6 +103,7 @@ def test_a_sweep_on_s3_resumes_from_a_fresh_directory_and_serves_pareto_export_a
             continue
         base = _base_model(config)
         if config["method"] == "craft":
+            assert not (local / "adapter" / FACTORS_NAME).exists()  # a trial's adapter leaves the factors to the cache
             model = CraftModel.from_pretrained(base, local / "adapter")
             j = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[2].startswith("j_"))
             assert j == metrics["adapter_parameters"]

@@ -58,7 +58,7 @@ def test_train_end_to_end_with_tracking(run_setup, tiny_model_dir, capsys):
     assert run.data.metrics["score"] == pytest.approx(summary["final"]["score"])
     assert run.data.metrics["test/accuracy"] == pytest.approx(summary["test"]["test/accuracy"])
     assert run.data.metrics["adapter_parameters"] == 264
-    assert {f.path for f in client.list_artifacts(run.info.run_id, "adapter")} >= {"adapter/adapter_model.safetensors"}
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "adapter")} >= {"adapter/adapter_model.safetensors", "adapter/craft_factors.safetensors"}
     # the saved adapter restores onto a fresh base model; the merged model gives the same logits
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     restored = CraftModel.from_pretrained(base, tmp / "run" / "adapter").eval()
