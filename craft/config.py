@@ -28,8 +28,10 @@ class CraftConfig:
         rank_out: rank of the output-features axis (at most d_out of every target).
         rank_in: rank of the input-features axis (at most d_in of every target).
         target_modules: projection types to adapt, by module-name suffix ("query", "q_proj");
-            a fused GPT-2 style projection is split as "c_attn:q", "c_attn:k", "c_attn:v".
-            None: the model's query and value projections, detected from its layout.
+            ``*`` stands for a layer number ("decoder.layers.*.encoder_attn.q_proj" names one
+            stack of an encoder-decoder); a fused projection whose layout is known is split as
+            "c_attn:q", "query_key_value:v" (see :mod:`craft.layouts`). None: the model's query and
+            value projections, from peft's table for its model type or the project's own.
         init_scale: s in J = I + s * E, E ~ N(0, 1); 0 starts exactly at the base model.
         seed: seed of E.
         modules_to_save: module-name suffixes trained in full alongside the adapter (the task
