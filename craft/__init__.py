@@ -4,11 +4,12 @@ Stacks a model's attention projections across layers into (layers, out, in) tens
 their HOSVD, freezes every factor and trains one small square matrix per mode and projection
 type. Usable on its own, like peft: nothing here imports ray, mlflow or the search.
 
-This folder is the method: ``tucker`` (HOSVD), ``targets`` (which projections, stacked),
-``config``, ``adapter`` (the shared J matrices of one stack), ``layer`` (one wrapped projection),
-``factors`` (HOSVD factors computed once, cached), ``model`` (inject, save, load, merge),
-``pretrained`` (the adapter directory, local or on the hub),
-``budget`` (closed-form parameter counts) and ``inspection`` (spectra and costs of ranks).
+This folder is the method: ``tucker`` (HOSVD), ``targets`` and ``layouts`` (which projections,
+fused ones split, stacked across layers), ``config``, ``adapter`` (the shared J matrices of one
+stack), ``layer`` (one wrapped projection), ``factors`` (HOSVD factors computed once, cached),
+``model`` (inject, save, load, merge, disable), ``modules`` (heads, swapping submodules),
+``pretrained`` (the adapter directory, local or on the hub), ``budget`` (closed-form parameter
+counts) and ``inspection`` (spectra and costs of ranks).
 The training harness (tasks, data, run configs, trainer, baselines, jobs) is :mod:`craft.harness`;
 its public names are also reachable from here (``craft.run_job``) and load on first use.
 """

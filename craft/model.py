@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,8 +13,9 @@ from .adapter import CraftAdapter
 from .config import CraftConfig
 from .factors import Factors, check_ranks
 from .layer import MERGED_MEMORY_LIMIT, AdapterPart, CraftLinear
+from .modules import checkpointing, find_heads, frozen_copy, outermost, set_submodule, shared_storages, storage
 from .pretrained import ADAPTER_NAME, FACTORS_NAME, check_base, read_adapter, resolve_adapter_dir, write_adapter
-from .targets import DEFAULT_HEADS, TargetStack, find_targets, stack_weights, weights_fingerprint, weights_sketch
+from .targets import TargetStack, find_targets, stack_weights, weights_fingerprint, weights_sketch
 from .tucker import Tucker, hosvd
 
 __all__ = ["CraftModel", "get_craft_model", "find_heads", "adapter_dtype", "ADAPTER_NAME", "FACTORS_NAME"]
@@ -69,7 +68,7 @@ class CraftModel(nn.Module):
         self.stacks = stacks
         self.craft_adapters = nn.ModuleList(adapters).to(reference.device)
         self.head_names = find_heads(model, config.modules_to_save, stacks)
-        self.original_heads = nn.ModuleList(_frozen_copy(model.get_submodule(n)) for n in _outermost(self.head_names))
+        self.original_heads = nn.ModuleList(frozen_copy(model.get_submodule(n)) for n in outermost(self.head_names))
         self._wrapped = self._wrap(stacks, compute, merged_memory_limit)
         self._freeze(self.head_names)
         self._input_grads = False
@@ -95,7 +94,7 @@ class CraftModel(nn.Module):
         # New per-pass tensors for every model call, made before any (checkpointed) layer runs.
         for adapter in self.craft_adapters:
             adapter.new_pass()
-        if not self._input_grads and torch.is_grad_enabled() and _checkpointing(self.base_model):
+        if not self._input_grads and torch.is_grad_enabled() and checkpointing(self.base_model):
             # Reentrant checkpointing back-propagates through a layer only when its input requires
             # grad; frozen embeddings (a vision model's patches) give none, so J would get none.
             # transformers does this for text models only; every transformers model offers it.
@@ -125,7 +124,7 @@ class CraftModel(nn.Module):
         wrapped = {}
         for name, module_parts in parts.items():
             layer = CraftLinear(self.base_model.get_submodule(name), module_parts, compute, elements, memory_limit)
-            _set_submodule(self.base_model, name, layer)
+            set_submodule(self.base_model, name, layer)
             wrapped[name] = layer
         return wrapped
 
@@ -178,9 +177,9 @@ class CraftModel(nn.Module):
 
     def _merge(self, layers: list[CraftLinear]) -> None:
         self.sketch  # noqa: B018 - of the base weights, before they change
-        shared = _shared_storages(self.base_model)
+        shared = shared_storages(self.base_model)
         for layer in layers:
-            layer.merge(untie=_storage(layer.base_layer.weight) in shared)
+            layer.merge(untie=storage(layer.base_layer.weight) in shared)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`."""
@@ -192,7 +191,7 @@ class CraftModel(nn.Module):
         """Merge the updates and return the plain transformers model, wrappers removed."""
         self.merge()
         for name, layer in self._wrapped.items():
-            _set_submodule(self.base_model, name, layer.base_layer)
+            set_submodule(self.base_model, name, layer.base_layer)
         self._hook.remove()
         self._unloaded = True
         return self.base_model
@@ -220,13 +219,13 @@ class CraftModel(nn.Module):
         swapped: list[tuple[str, nn.Module]] = []  # (name, the module to put back)
         try:
             for name, layer in self._wrapped.items():
-                swapped.append((name, _set_submodule(self.base_model, name, layer.base_layer)))
-            for name, original in zip(_outermost(self.head_names), self.original_heads):
-                swapped.append((name, _set_submodule(self.base_model, name, original)))
+                swapped.append((name, set_submodule(self.base_model, name, layer.base_layer)))
+            for name, original in zip(outermost(self.head_names), self.original_heads):
+                swapped.append((name, set_submodule(self.base_model, name, original)))
             yield
         finally:
             for name, module in reversed(swapped):
-                _set_submodule(self.base_model, name, module)
+                set_submodule(self.base_model, name, module)
             self._merge(merged)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -324,22 +323,6 @@ class CraftModel(nn.Module):
             target.copy_(state[key].to(target.dtype))
 
 
-def find_heads(model: nn.Module, modules_to_save: list[str] | None, stacks: list[TargetStack]) -> list[str]:
-    """Names of the head modules to train in full; none may hold an adapted projection."""
-    suffixes = modules_to_save if modules_to_save is not None else list(DEFAULT_HEADS)
-    heads = [n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in suffixes)]
-    if modules_to_save is not None and not heads:
-        raise ValueError(f"modules_to_save {modules_to_save} matches no module of the model; name its head modules")
-    sites = {site.module_name for stack in stacks for site in stack.sites}
-    clash = sorted(h for h in heads for site in sites if site == h or site.startswith(h + "."))
-    if clash:
-        raise ValueError(
-            f"modules_to_save includes {clash[0]}, which holds an adapted projection that CRAFT keeps frozen; "
-            "remove it from modules_to_save or from target_modules"
-        )
-    return heads
-
-
 def adapter_dtype(config: CraftConfig, model_dtype: torch.dtype) -> torch.dtype:
     """The working dtype of the J matrices and factors for ``config`` on a model of ``model_dtype``."""
     if config.adapter_dtype == "auto":
@@ -349,47 +332,11 @@ def adapter_dtype(config: CraftConfig, model_dtype: torch.dtype) -> torch.dtype:
     return getattr(torch, config.adapter_dtype)
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether a transformers model has activation checkpointing on (False for other modules)."""
-    on = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
-    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
-
-
 def _owned(tucker: Tucker) -> Tucker:
     def own(t: torch.Tensor) -> torch.Tensor:
         return t.clone(memory_format=torch.contiguous_format)
 
     return Tucker(own(tucker.core), [own(f) for f in tucker.factors], [own(s) for s in tucker.spectra])
-
-
-def _frozen_copy(module: nn.Module) -> nn.Module:
-    original = copy.deepcopy(module)
-    original.requires_grad_(False)
-    return original
-
-
-def _outermost(names: list[str]) -> list[str]:
-    """The names not inside another of ``names`` (a head nested in a head is swapped with it)."""
-    return [n for n in names if not any(n.startswith(m + ".") for m in names)]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """Put ``module`` at ``name`` in ``model``; returns the module it replaced."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, module)
-    return old
-
-
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def _shared_storages(model: nn.Module) -> set[int]:
-    """Storages held by more than one parameter slot of ``model`` (tied or shared weights)."""
-    counts = Counter(_storage(p) for _, p in model.named_parameters(remove_duplicate=False))
-    return {ptr for ptr, n in counts.items() if n > 1}
 
 
 def _check_factors(factors: Factors, stacks: list[TargetStack], fingerprint: str) -> None:
