@@ -1,12 +1,13 @@
 """Production training, data-parallel on Ray Train: ``craft-search train CONFIG --workers N``.
 
 A TorchTrainer starts N workers (gloo on CPUs, nccl on GPUs); each runs
-:func:`craft.harness.job.run_job` with the same config and seed, takes its slice of every global batch,
-and DistributedDataParallel averages the gradients (:mod:`craft.harness.distributed`), so N workers
-train what one would, N times wider. Every input check happens in the driver before an MLflow
-run exists; rank 0 logs every evaluation into that run, writes ``output_dir`` (adapter, merged
-model, metrics) on its node and reports the job's summary to Ray Train, where the driver reads it;
-the driver closes the run.
+:func:`craft.harness.job.run_job` with the same config and seed, takes its slice of every global
+batch, and DistributedDataParallel averages the gradients (:mod:`craft.harness.distributed`), so
+N workers train what one process would, N times wider: the same weights without dropout, the same
+only in distribution with it (each worker draws the dropout masks of its own slice). Every input
+check happens in the driver before an MLflow run exists; rank 0 logs every evaluation into that
+run, writes ``output_dir`` (adapter, merged model, metrics) on its node and reports the job's
+summary to Ray Train, where the driver reads it; the driver closes the run.
 """
 
 from __future__ import annotations

@@ -5,14 +5,22 @@ for ``craft-search train --workers N``), every process holds the whole model and
 shuffled global batches; each takes its slice of every batch, DistributedDataParallel averages
 the gradients, and the loss is scaled so that the update equals one process training the whole
 batch. Only rank 0 writes files and reports. Without a process group every helper is a no-op.
+
+Dropout is the one thing that differs: its masks come from each process's torch RNG, drawn over
+the shape of what that process runs, so no slice gets the masks one process would draw for those
+examples. :func:`seed_slice` gives every slice its own stream, so masks are independent from
+example to example as in one process: N workers train what one process would in distribution,
+and in value only without dropout.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_size", "rank", "is_main", "wrap", "shard", "sum_across", "broadcast_flag", "check_same"]
+__all__ = ["world_size", "rank", "is_main", "wrap", "shard", "sum_across", "broadcast_flag", "check_same", "seed_slice"]
 
 
 def world_size() -> int:
@@ -54,6 +62,21 @@ def shard(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], floa
     if len(index) == 0:
         return {k: v[-1:] for k, v in batch.items()}, 0.0
     return {k: v[index] for k, v in batch.items()}, len(index) * world / total
+
+
+def seed_slice(seed: int, epoch: int, batch: int) -> None:
+    """Seed this process's torch RNG (dropout's) for its slice of batch ``batch`` of ``epoch``.
+
+    Seeded alike, every process would draw the same masks for its slice, so that example i of
+    each slice shared them. Seeded from (seed, epoch, batch, rank), the slices draw independent
+    masks, as the examples of one process's batch do, and a resumed run draws the masks of an
+    uninterrupted one without any RNG state in the checkpoint. A no-op in one process, whose
+    stream stays the one seeded at the start.
+    """
+    if world_size() == 1:
+        return
+    key = hashlib.blake2b(f"{seed}/{epoch}/{batch}/{rank()}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(key, "little"))  # CPU and every CUDA device
 
 
 def sum_across(values: list[float], device: torch.device) -> list[float]:

@@ -8,7 +8,8 @@ never holds a half-accumulated gradient.
 Data-parallel (see :mod:`craft.harness.distributed`): under a ``torch.distributed`` process group every
 process takes its slice of each global batch and DDP averages the gradients; every process
 evaluates (the same weights, the same numbers), rank 0 alone writes checkpoints, calls the
-callback and shows progress, and its stop decision is broadcast.
+callback and shows progress, and its stop decision is broadcast. Each process draws dropout masks
+for its slice alone, from a stream of its own (:func:`~craft.harness.distributed.seed_slice`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import make_loader, num_batches
-from .distributed import broadcast_flag, check_same, is_main, shard, sum_across, world_size, wrap
+from .distributed import broadcast_flag, check_same, is_main, seed_slice, shard, sum_across, world_size, wrap
 from .methods import AdaptedModel, parameter_groups
 from .runconfig import TrainBlock
 
@@ -206,6 +207,7 @@ def train(
         loader = make_loader(train_set, tokenizer, cfg.batch_size, True, cfg.seed, pos.epoch, start_batch=pos.batch)
         for batch in loader:
             local, weight = shard(batch)  # the whole batch and 1.0 in a single process
+            seed_slice(cfg.seed, pos.epoch, pos.batch)  # data-parallel: this slice's own dropout stream
             with autocast:
                 loss = forward(**{k: v.to(device) for k, v in local.items()}).loss
             value = loss.item()

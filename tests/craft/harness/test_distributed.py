@@ -1,5 +1,6 @@
 """Data-parallel helpers on a real 2-process gloo group: the update equals one process's on the
-whole batch, for batches that split evenly, unevenly, and smaller than the world."""
+whole batch, for batches that split evenly, unevenly, and smaller than the world; each process
+draws its slice's dropout masks from a stream of its own, the same at the same batch."""
 
 from __future__ import annotations
 
@@ -43,6 +44,16 @@ def _step(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, 
     return value, model.weight.grad.clone(), model.bias.grad.clone()
 
 
+def _dropout_draws() -> torch.Tensor:
+    """What dropout draws at batches 3, 4, then 3 again of epoch 0, after other draws each time."""
+    rows = []
+    for batch in (3, 4, 3):
+        torch.rand(5)  # whatever the stream drew before
+        distributed.seed_slice(0, 0, batch)
+        rows.append(torch.rand(8))
+    return torch.stack(rows)  # (3, 8)
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))  # fail, never hang
@@ -50,6 +61,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         device = torch.device("cpu")
         assert distributed.world_size() == 2 and distributed.rank() == rank and distributed.is_main() == (rank == 0)
         results = [_step(batch, device) for batch in _batches()]
+        draws = [torch.empty(3, 8), torch.empty(3, 8)]
+        dist.all_gather(draws, _dropout_draws())
         assert distributed.broadcast_flag(rank == 0, device) is True  # rank 0's decision everywhere
         try:
             distributed.check_same(rank, "the rank", device)
@@ -57,7 +70,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         except ValueError as err:
             assert "the workers disagree on the rank (0 to 1)" in str(err)
         if rank == 0:
-            tensors = {}
+            tensors = {"draws.0": draws[0], "draws.1": draws[1]}
             for i, (value, weight_grad, bias_grad) in enumerate(results):
                 tensors.update({f"{i}.value": torch.tensor([value]), f"{i}.weight": weight_grad, f"{i}.bias": bias_grad})
             save_file(tensors, out)
@@ -87,6 +100,10 @@ def test_two_processes_match_one_on_even_uneven_and_tiny_batches(tmp_path):
         assert value == pytest.approx(loss.item(), abs=1e-6)
         torch.testing.assert_close(weight_grad, model.weight.grad, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(bias_grad, model.bias.grad, atol=1e-6, rtol=1e-5)
+    mine, theirs = saved["draws.0"], saved["draws.1"]
+    assert torch.equal(mine[0], mine[2]) and torch.equal(theirs[0], theirs[2])  # a batch's masks, wherever the stream was
+    assert not torch.equal(mine[0], mine[1])  # another batch, other masks
+    assert not torch.equal(mine[0], theirs[0]) and not torch.equal(mine[1], theirs[1])  # each slice its own masks
 
 
 def test_one_process_is_a_no_op():
@@ -97,3 +114,6 @@ def test_one_process_is_a_no_op():
     assert distributed.wrap(model, torch.device("cpu")) is model
     assert distributed.sum_across([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
     distributed.check_same(3, "anything", torch.device("cpu"))
+    state = torch.get_rng_state()
+    distributed.seed_slice(0, 0, 3)  # one process keeps the stream seeded at the start
+    assert torch.equal(torch.get_rng_state(), state)
