@@ -33,38 +33,13 @@ from .targets import (
 )
 from .tucker import Tucker, energy_kept, hosvd, reconstruct, truncate
 
-_HARNESS = (
-    "DEMO_MODEL",
-    "GLUE_TASKS",
-    "METHODS",
-    "AdaptedModel",
-    "EvalEvent",
-    "JobResult",
-    "RunConfig",
-    "Task",
-    "TaskSpec",
-    "TrainResult",
-    "apply_method",
-    "compute_metrics",
-    "evaluate",
-    "load_model",
-    "load_run_config",
-    "load_task",
-    "load_tokenizer",
-    "make_loader",
-    "merged_model",
-    "parameter_groups",
-    "run_job",
-    "save_adapter",
-    "tokenize_task",
-    "train",
-)
-
 
 def __getattr__(name: str):
-    """The harness's public names, imported from :mod:`craft.harness` on first use."""
-    if name in _HARNESS:
-        return getattr(importlib.import_module(".harness", __name__), name)
+    """The harness's public names (``craft.harness.__all__``), imported on first use: ``craft.run_job``."""
+    if not name.startswith("__"):
+        harness = importlib.import_module(".harness", __name__)
+        if name in harness.__all__:
+            return getattr(harness, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -99,5 +74,4 @@ __all__ = [
     "MERGED_MEMORY_LIMIT",
     "adapter_dtype",
     "compute_dtype",
-    *_HARNESS,
 ]
