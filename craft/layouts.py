@@ -30,6 +30,8 @@ __all__ = [
     "QUERY_NAMES",
     "VALUE_NAMES",
     "FUSED_LAYOUTS",
+    "FUSED_PARTS",
+    "starred",
     "default_targets",
     "fused_rows",
     "is_projection",
@@ -56,7 +58,7 @@ QUERY_NAMES = frozenset({"q", "q_proj", "query", "query_proj", "q_lin"})
 VALUE_NAMES = frozenset({"v", "v_proj", "value", "value_proj", "v_lin"})
 # Module names that hold q, k and v in one output.
 FUSED_NAMES = frozenset({"c_attn", "query_key_value", "Wqkv", "qkv_proj", "qkv", "in_proj"})
-_PARTS = ("q", "k", "v")
+FUSED_PARTS = ("q", "k", "v")  # the parts a fused projection is split into
 
 
 def is_projection(module: nn.Module) -> bool:
@@ -87,7 +89,7 @@ def _blocks(d_out: int, blocks: int, widths: tuple[int, int, int], order: str = 
     unit, period = d_out // units, d_out // blocks
     rows, start = {}, 0
     for part in order:
-        width = widths[_PARTS.index(part)] * unit
+        width = widths[FUSED_PARTS.index(part)] * unit
         rows[part] = (start, start + width) if blocks == 1 else (start, start + width, period)
         start += width
     return rows
@@ -201,7 +203,8 @@ def _peft_mapping() -> dict[str, list[str] | str]:
     return dict(mapping)
 
 
-def _starred(name: str) -> str:
+def starred(name: str) -> str:
+    """``name`` with its numbers (layer indices) starred: the same for every layer of one stack."""
     return ".".join("*" if part.isdigit() else part for part in name.split("."))
 
 
@@ -212,7 +215,7 @@ def _leaf(name: str) -> str:
 def _from_peft(entry: list[str] | str, projections: list[str]) -> list[str]:
     """Query and value targets from peft's entry for the model type ([] when it has none)."""
     if isinstance(entry, str):  # a regular expression over full module names
-        names = list(dict.fromkeys(_starred(n) for n in projections if re.fullmatch(entry, n)))
+        names = list(dict.fromkeys(starred(n) for n in projections if re.fullmatch(entry, n)))
     else:
         leaves = {_leaf(n) for n in projections}
         names = [n for n in entry if _leaf(n) in leaves]

@@ -25,6 +25,7 @@ from torch import nn
 
 from .layouts import (
     DEFAULT_TARGETS,
+    FUSED_PARTS,
     Rows,
     default_targets,
     fused_rows,
@@ -33,6 +34,7 @@ from .layouts import (
     out_in,
     part_row_indices,
     select_rows,
+    starred,
 )
 
 __all__ = [
@@ -52,7 +54,6 @@ __all__ = [
 ]
 
 DEFAULT_HEADS: tuple[str, ...] = ("classifier", "score", "pre_classifier", "qa_outputs")
-_FUSED_PARTS = ("q", "k", "v")
 # Base weights count as the same when every target weight is within this relative distance
 # (Frobenius norm) of the one an adapter was saved with: rounding to bf16 moves a weight by at
 # most 2^-9 of itself, fp16 by 2^-12, so the same checkpoint in any dtype passes with room to spare.
@@ -89,11 +90,6 @@ def _matches(name: str, pattern: str) -> bool:
     return len(want) <= len(have) and all(w in ("*", h) for w, h in zip(want, have[len(have) - len(want) :]))
 
 
-def _stack_key(name: str) -> str:
-    """A module's name with its numbers starred: the same for every layer of one stack."""
-    return ".".join("*" if part.isdigit() else part for part in name.split("."))
-
-
 def _stack_names(keys: list[str]) -> dict[str, str]:
     """Short unique names for several stacks: each key from the part that holds the layers on
     (``encoder`` of ``transformer.encoder.block.*``), longer where two would be the same."""
@@ -110,7 +106,7 @@ def _stack_names(keys: list[str]) -> dict[str, str]:
 
 def _resolve(model: nn.Module, target: str) -> list[TargetStack]:
     pattern, _, part = target.partition(":")
-    if part and part not in _FUSED_PARTS:
+    if part and part not in FUSED_PARTS:
         raise ValueError(f"target {target!r}: the part after ':' must be q, k or v (a fused qkv projection's part)")
     groups: dict[str, list[tuple[str, nn.Module]]] = {}
     seen: dict[int, str] = {}
@@ -128,7 +124,7 @@ def _resolve(model: nn.Module, target: str) -> list[TargetStack]:
                 f"target {target!r} matches {name}, a {type(module).__name__}; CRAFT wraps nn.Linear and "
                 "Conv1D projections: name a projection module in target_modules"
             )
-        groups.setdefault(_stack_key(name), []).append((name, module))
+        groups.setdefault(starred(name), []).append((name, module))
     names = {next(iter(groups)): target} if len(groups) == 1 else _stack_names(list(groups))
     suffix = f":{part}" if part and len(groups) > 1 else ""
     return [_stack(model, target, names[key] + suffix, members, part) for key, members in groups.items()]

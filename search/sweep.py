@@ -36,12 +36,12 @@ from craft.harness.tasks import load_task
 from .envvars import environment
 from .layout import DEFAULT_STORAGE, STUDY_FILE, SUMMARY_FILE, SWEEP_FILE
 from .model_facts import check_against_model
-from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, SCORE, STEP, TRIAL_ID_TAG
+from .names import ADAPTER_PARAMETERS, FINAL_SCORE, NODE_ID, SCORE, STEP
 from .plan import describe_methods
 from .spec import SweepSpec, spec_changes, spec_from_dict
 from .storage import SweepStore, resolve_storage
 from .tracking.queue import PARENT, PENDING_FILE, TrackingQueue, TrackingUnavailable, keep_pending, tracking_queue
-from .tracking.runs import RunTracker, check_tracking_uri, resolve_tracking_uri
+from .tracking.runs import RunTracker, check_tracking_uri, drop_orphans, resolve_tracking_uri
 
 __all__ = [
     "TrialSummary",
@@ -221,23 +221,6 @@ def _summaries(results: Any, store: SweepStore) -> list[TrialSummary]:
             )
         )
     return trials
-
-
-def _drop_orphans(parent: RunTracker, experiment: str, trial_ids: set[str], page_size: int = 1000) -> int:
-    """Delete child runs of trials the restored experiment does not know (sampled after its last
-    save), reading every page of the parent's children."""
-    exp = parent.client.get_experiment_by_name(experiment)
-    query = f"tags.`mlflow.parentRunId` = '{parent.run_id}'"
-    orphans, token = [], None
-    while True:
-        page = parent.client.search_runs([exp.experiment_id], filter_string=query, max_results=page_size, page_token=token)
-        orphans += [r.info.run_id for r in page if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids]
-        token = page.token
-        if not token:
-            break
-    for run_id in orphans:  # after reading: deleting while paging would shift the pages
-        parent.client.delete_run(run_id)
-    return len(orphans)
 
 
 def _study_url(spec: SweepSpec, store: SweepStore, storage: str | None, resume: bool) -> str:
@@ -432,7 +415,7 @@ def run_sweep(
             f"done and kept in {store.uri}, {len(left)} MLflow writes wait in {store.location(PENDING_FILE)}; start the "
             f"server and run `craft-search sweep {spec.name} --resume --storage {store.storage}` to write them"
         )
-    parent.set_tags({"craft.orphans_deleted": _drop_orphans(parent, experiment, {t.trial_id for t in trials}) if resume else 0,
+    parent.set_tags({"craft.orphans_deleted": drop_orphans(parent, experiment, {t.trial_id for t in trials}) if resume else 0,
                      **{f"craft.mlflow_{k}": v for k, v in result.tracking.items()}})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")

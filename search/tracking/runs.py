@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_DB", "resolve_tracking_uri", "check_tracking_uri", "flatten", "RunTracker"]
+from ..names import TRIAL_ID_TAG
+
+__all__ = ["DEFAULT_DB", "resolve_tracking_uri", "check_tracking_uri", "flatten", "RunTracker", "drop_orphans"]
 
 DEFAULT_DB = "mlflow.db"
 _MAX_PARAM = 500  # MLflow's limit on a param value's length (6000 on new servers; stay safe)
@@ -160,3 +162,21 @@ class RunTracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.end("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
+
+
+def drop_orphans(parent: RunTracker, experiment: str, trial_ids: set[str], page_size: int = 1000) -> int:
+    """Delete the child runs of ``parent`` whose trial (tag ``craft.trial_id``) is not in ``trial_ids``:
+    trials a resumed sweep's restored experiment does not know (sampled after its last save).
+    Reads every page of the parent's children first; returns how many it deleted."""
+    exp = parent.client.get_experiment_by_name(experiment)
+    query = f"tags.`mlflow.parentRunId` = '{parent.run_id}'"
+    orphans, token = [], None
+    while True:
+        page = parent.client.search_runs([exp.experiment_id], filter_string=query, max_results=page_size, page_token=token)
+        orphans += [r.info.run_id for r in page if r.data.tags.get(TRIAL_ID_TAG) not in trial_ids]
+        token = page.token
+        if not token:
+            break
+    for run_id in orphans:  # after reading: deleting while paging would shift the pages
+        parent.client.delete_run(run_id)
+    return len(orphans)

@@ -70,7 +70,7 @@ def test_orphan_cleanup_reads_every_page_of_child_runs(tmp_path):
     """A resumed sweep deletes the child runs of trials its restored state does not know: every
     one of them, however many pages of children the parent has (pages of 2 here)."""
     from search.names import TRIAL_ID_TAG
-    from search.sweep import _drop_orphans
+    from search.tracking.runs import drop_orphans
 
     uri = resolve_tracking_uri(None, tmp_path)
     parent = RunTracker(uri, "exp", run_name="sweep")
@@ -81,7 +81,7 @@ def test_orphan_cleanup_reads_every_page_of_child_runs(tmp_path):
         child = RunTracker(uri, "exp", run_name=trial, parent_run_id=parent.run_id, tags={TRIAL_ID_TAG: trial})
         child.end("FINISHED")
         children[trial] = child.run_id
-    assert _drop_orphans(parent, "exp", known, page_size=2) == 3
+    assert drop_orphans(parent, "exp", known, page_size=2) == 3
     client = MlflowClient(uri)
     left = client.search_runs([client.get_experiment_by_name("exp").experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
     assert sorted(r.data.tags[TRIAL_ID_TAG] for r in left) == sorted(known)
